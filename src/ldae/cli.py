@@ -1,0 +1,102 @@
+"""The ``ldae`` command line: parse, call the library, report user errors as one line (exit 2).
+
+Each subcommand lives in ``ldae.commands.<name>`` and defines ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int | None``; heavy imports (torch, MONAI) stay inside ``run`` so that ``ldae --help``
+is instant. A subcommand that accepts config overrides sets ``ACCEPTS_OVERRIDES = True`` and receives
+the unparsed ``--section.key VALUE`` pairs in ``args.overrides``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ldae import __version__
+from ldae.errors import LDAEError
+
+# name -> module; order is the order shown by `ldae --help`
+COMMANDS: dict[str, str] = {
+    "check": "ldae.commands.check",
+    "synth": "ldae.commands.synth",
+    "fit": "ldae.commands.fit",
+    "demo": "ldae.commands.demo",
+}
+
+
+def _available_commands() -> dict[str, object]:
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a command whose module has not landed yet
+            if exc.name != module_name:
+                raise
+    return modules
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The top-level parser with one subparser per available command."""
+    parser = argparse.ArgumentParser(
+        prog="ldae",
+        description="Latent Diffusion Autoencoders for 3D brain MRI.",
+    )
+    parser.add_argument("--version", action="version", version=f"ldae {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = _available_commands()
+    for name, module in modules.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)  # type: ignore[attr-defined]
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        module.add_arguments(p)  # type: ignore[attr-defined]
+    return parser, modules
+
+
+def _find_user_error(exc: BaseException) -> LDAEError | None:
+    """The LDAEError behind ``exc`` (MONAI and DataLoader wrap errors raised inside transforms)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LDAEError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ldae`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, modules = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = modules[args.command]
+    if extra and not getattr(module, "ACCEPTS_OVERRIDES", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ldae").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    try:
+        code = module.run(args)  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        print("ldae: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest re-raise
+        user_error = _find_user_error(exc)
+        if user_error is None or args.debug:
+            if user_error is not None:
+                traceback.print_exc()
+                return user_error.exit_code
+            raise
+        message = " ".join(str(user_error).split("\n"))
+        print(f"ldae {args.command}: error: {message}", file=sys.stderr)
+        return user_error.exit_code
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

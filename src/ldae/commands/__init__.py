@@ -1,0 +1,1 @@
+"""One module per ``ldae`` subcommand (see ``ldae.cli``)."""

@@ -1,0 +1,157 @@
+"""YAML presets with inheritance and dotted command-line overrides.
+
+A preset file may name a parent with ``_inherit: <preset>/<stage>.yaml`` (relative to the packaged
+``configs`` folder); the child is deep-merged over the parent, so ``tiny`` states only what differs from
+``paper``. Overrides such as ``--trainer.max_epochs 3`` replace one leaf; the key must already exist (a
+typo is an error, not a silently ignored setting). The fully resolved config is saved beside every run.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ldae.errors import ConfigError
+from ldae.io import write_text
+
+PRESETS = ("paper", "small", "tiny")
+STAGES = ("autoencoder", "diffusion", "representation")
+INHERIT_KEY = "_inherit"
+
+
+def configs_root() -> Path:
+    """Folder of the packaged presets (``ldae/configs``)."""
+    return Path(str(resources.files("ldae") / "configs"))
+
+
+def preset_path(preset: str, stage: str) -> Path:
+    """Path of the packaged preset file for ``stage`` (e.g. ``tiny``, ``autoencoder``)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    path = configs_root() / preset / f"{stage}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset '{preset}' has no config for stage '{stage}' ({path})")
+    return path
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return ``base`` updated recursively by ``override`` (dicts merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping at top level")
+    return data
+
+
+def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Load a YAML config, resolving ``_inherit`` chains (relative to the packaged configs folder,
+    or to the file's own folder when the parent exists there)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: circular {INHERIT_KEY}")
+    data = _read_yaml(path)
+    parent = data.pop(INHERIT_KEY, None)
+    if parent is None:
+        return data
+    candidates = [path.parent / parent, configs_root() / parent]
+    parent_path = next((p for p in candidates if p.is_file()), None)
+    if parent_path is None:
+        raise ConfigError(f"{path}: {INHERIT_KEY} '{parent}' not found")
+    return deep_merge(load_config(parent_path, _seen + (path,)), data)
+
+
+def load_preset(preset: str, stage: str) -> dict:
+    """Resolved packaged preset for one stage."""
+    return load_config(preset_path(preset, stage))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``['--a.b', '3', '--c=x']`` into ``[('a.b', 3), ('c', 'x')]``; values are YAML scalars."""
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument '{arg}' (overrides look like --section.key VALUE)")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value")
+            raw = args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key, value))
+    return pairs
+
+
+def set_dotted(cfg: dict, key: str, value: Any, strict: bool = True) -> None:
+    """Set ``cfg['a']['b'] = value`` for ``key='a.b'``; with ``strict`` the key must already exist."""
+    parts = key.split(".")
+    node = cfg
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            if strict:
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"unknown config key '{key}' ('{where}' is not a section)")
+            node[part] = {}
+        node = node[part]
+    leaf = parts[-1]
+    if strict and leaf not in node:
+        known = ", ".join(sorted(node)) or "none"
+        raise ConfigError(f"unknown config key '{key}' (known here: {known})")
+    node[leaf] = value
+
+
+def get_dotted(cfg: dict, key: str, default: Any = None) -> Any:
+    """Read ``cfg['a']['b']`` for ``key='a.b'`` (``default`` when absent)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def apply_overrides(cfg: dict, overrides: list[str] | list[tuple[str, Any]]) -> dict:
+    """Return a copy of ``cfg`` with command-line overrides applied (strict keys)."""
+    out = copy.deepcopy(cfg)
+    pairs = parse_overrides(overrides) if overrides and isinstance(overrides[0], str) else overrides
+    for key, value in pairs:  # type: ignore[misc]
+        set_dotted(out, key, value)
+    return out
+
+
+def dump_config(cfg: dict) -> str:
+    """YAML text of a resolved config (key order kept)."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: dict, path: str | Path) -> Path:
+    """Atomically save the fully resolved config (e.g. ``RUN/config.yaml``)."""
+    return write_text(path, dump_config(cfg))

@@ -1,0 +1,93 @@
+"""Atomic file output: every file the project writes goes to a temporary name in the same folder and is
+renamed into place, so an interrupted run never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on error delete it.
+
+    ``suffix`` defaults to the final name's full suffix (e.g. ``.nii.gz``) so that writers which infer
+    the format from the extension still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write a text file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON (numpy scalars/arrays converted)."""
+
+    def _default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    return write_text(path, json.dumps(obj, indent=2, default=_default) + "\n")
+
+
+def write_csv(path: str | os.PathLike, df: Any) -> Path:
+    """Atomically write a pandas DataFrame as CSV (no index)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """Atomically write a compressed NPZ."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    return Path(path)
+
+
+def write_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray) -> Path:
+    """Atomically write a float32 NIfTI with the given 4x4 affine (qform and sform set)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically ``torch.save`` an object (checkpoints, state dicts)."""
+    import torch
+
+    with atomic_path(path, suffix=".tmp") as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

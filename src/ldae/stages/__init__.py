@@ -1,0 +1,32 @@
+"""Training stages (LightningModules) and their ``fit(cfg, resume)`` entry points.
+
+Each stage module exposes ``fit(cfg: dict, resume: bool = False) -> pathlib.Path`` returning the best
+checkpoint. The registry is lazy so that importing ``ldae.stages`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ldae.errors import ConfigError
+
+STAGE_MODULES: dict[str, str] = {
+    "autoencoder": "ldae.stages.autoencoder",
+    "diffusion": "ldae.stages.latent_diffusion",
+    "representation": "ldae.stages.representation",
+}
+
+
+def fit(cfg: dict, resume: bool = False) -> Path:
+    """Train the stage named by ``cfg['stage']``; return the best checkpoint path."""
+    stage = cfg.get("stage")
+    if stage not in STAGE_MODULES:
+        raise ConfigError(f"config key 'stage' is '{stage}' (choose from {', '.join(STAGE_MODULES)})")
+    try:
+        module = importlib.import_module(STAGE_MODULES[stage])
+    except ModuleNotFoundError as exc:
+        if exc.name == STAGE_MODULES[stage]:
+            raise ConfigError(f"stage '{stage}' is not available in this version of ldae") from None
+        raise
+    return module.fit(cfg, resume=resume)

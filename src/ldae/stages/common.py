@@ -1,0 +1,153 @@
+"""What every training stage shares: run folders, resolved configs, trainers, checkpoints.
+
+Layout of a stage run folder ``cfg['out']``::
+
+    config.yaml            fully resolved config (written before training starts)
+    checkpoints/best.ckpt  best by the stage's validation metric
+    checkpoints/last.ckpt  latest (resume point)
+    logs/metrics.csv       Lightning CSV logger
+    figures/               PNG mosaics written during validation
+
+Checkpoints carry ``checkpoint['ldae'] = {'stage', 'preset', 'config'}`` so that loading a checkpoint
+into the wrong stage fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldae.config import save_config
+from ldae.errors import CheckpointError, ConfigError
+from ldae.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "ldae"
+
+
+def run_dir(cfg: dict) -> Path:
+    """The run folder named by ``cfg['out']`` (required)."""
+    out = cfg.get("out")
+    if not out:
+        raise ConfigError("config key 'out' (the run folder) is not set: pass --out DIR")
+    return Path(out)
+
+
+def prepare_run(cfg: dict, resume: bool = False) -> tuple[Path, Path | None]:
+    """Create the run folder, save the resolved config; return ``(run_dir, checkpoint to resume or None)``.
+
+    A folder that already holds a ``last.ckpt`` is only reused with ``resume=True`` (never silently
+    overwritten).
+    """
+    out = run_dir(cfg)
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file() and not resume:
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out, (last if resume and last.is_file() else None)
+
+
+def make_checkpoint_io():
+    """Lightning CheckpointIO that writes to a temporary file and renames (no half-written .ckpt)."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            with atomic_path(path, suffix=".tmp") as tmp:
+                torch.save(checkpoint, tmp)
+
+    return AtomicCheckpointIO()
+
+
+def make_trainer(
+    cfg: dict,
+    out: Path,
+    monitor: str | None,
+    mode: str = "max",
+    callbacks: list | None = None,
+    **overrides: Any,
+):
+    """A Lightning Trainer from ``cfg['trainer']``, checkpointing best (by ``monitor``) and last."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    tcfg = dict(cfg.get("trainer", {}))
+    ckpt = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_last=True,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    kwargs: dict[str, Any] = {
+        "default_root_dir": str(out),
+        "logger": CSVLogger(str(out), name="logs", version=""),
+        "callbacks": [ckpt, *(callbacks or [])],
+        "plugins": [make_checkpoint_io()],
+        "enable_model_summary": False,
+    }
+    kwargs.update(tcfg)
+    kwargs.update(overrides)
+    if kwargs.get("precision") in ("bf16-mixed", "16-mixed") and kwargs.get("accelerator") == "cpu":
+        pass  # bf16 autocast works on CPU; 16-mixed does not, left to Lightning to refuse
+    return pl.Trainer(**kwargs)
+
+
+def stage_metadata(cfg: dict, stage: str) -> dict:
+    """The block stored under ``checkpoint['ldae']``."""
+    return {"stage": stage, "preset": cfg.get("preset"), "config": cfg}
+
+
+def load_checkpoint(path: str | os.PathLike, stage: str | None = None) -> dict:
+    """Load a checkpoint safely (``weights_only=True``) and check it belongs to ``stage``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling/zip failure is a corrupt checkpoint
+        raise CheckpointError(f"{path}: cannot load checkpoint ({str(exc).splitlines()[0]})") from None
+    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if stage is not None:
+        found = meta.get("stage") if isinstance(meta, dict) else None
+        if found != stage:
+            raise CheckpointError(
+                f"{path}: this is a checkpoint of stage '{found or 'unknown'}', expected stage '{stage}'"
+            )
+    return ckpt
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with a message listing missing/unexpected keys
+    and shape mismatches."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+
+        def _head(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_head(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_head(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): {_head(mismatched)}")
+        raise CheckpointError(f"{source}: weights do not match the model ({'; '.join(parts)})")
+    module.load_state_dict(state, strict=True)
