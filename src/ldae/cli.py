@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ldae: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest re-raise
+    except Exception as exc:
         user_error = _find_user_error(exc)
         if user_error is None or args.debug:
             if user_error is not None:

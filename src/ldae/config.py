@@ -9,6 +9,7 @@ typo is an error, not a silently ignored setting). The fully resolved config is 
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,29 @@ from ldae.io import write_text
 PRESETS = ("paper", "small", "tiny")
 STAGES = ("autoencoder", "diffusion", "representation")
 INHERIT_KEY = "_inherit"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.2 style; PyYAML needs ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    """Parse YAML text with the project's loader (safe; YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def configs_root() -> Path:
@@ -51,7 +75,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
@@ -103,7 +127,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             raw = args[i + 1]
             i += 2
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         pairs.append((key, value))

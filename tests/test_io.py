@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldae.io import atomic_path, write_json, write_nifti, write_npz
+
+
+def test_atomic_path_success_and_failure(tmp_path: Path):
+    target = tmp_path / "sub" / "out.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("hello")
+        assert not target.exists()
+    assert target.read_text() == "hello"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "hello"  # untouched
+    assert [p.name for p in target.parent.iterdir()] == ["out.txt"]  # no temp left behind
+
+
+def test_writers_roundtrip(tmp_path: Path):
+    write_json(tmp_path / "a.json", {"x": np.float32(1.5), "y": np.arange(3)})
+    assert (tmp_path / "a.json").read_text().count("1.5") == 1
+    write_npz(tmp_path / "a.npz", latent=np.ones((3, 2, 2, 2), np.float32))
+    with np.load(tmp_path / "a.npz") as z:
+        assert z["latent"].shape == (3, 2, 2, 2)
+    aff = np.diag([1.5, 1.5, 1.5, 1])
+    write_nifti(tmp_path / "v.nii.gz", np.zeros((4, 4, 4)), aff)
+    import nibabel as nib
+
+    img = nib.load(tmp_path / "v.nii.gz")
+    assert img.get_data_dtype() == np.float32
+    np.testing.assert_allclose(img.affine, aff)
