@@ -1,0 +1,406 @@
+"""Linear probes on frozen embeddings (paper §5.3): AD vs CN logistic regression and age ridge regression.
+
+Protocol, identical for both probes:
+
+* fit rows = rows whose ``split`` is in ``fit_splits`` (default ``("train",)``); report rows = ``test``;
+* features standardised with the fit rows' mean/std (zero-variance features keep std 1);
+* the regularisation strength (``C`` / ``alpha``) is chosen by cross-validation **grouped by subject**
+  over the fit rows (``StratifiedGroupKFold`` for AD vs CN, ``GroupKFold`` for age; at most 5 folds), so
+  no subject's sessions are on both sides of a validation split; the criterion is mean validation ROC-AUC
+  (classification) or mean validation MAE (age); ties go to the stronger regularisation;
+* the probe is refit on all fit rows with the chosen value and evaluated once on the test rows.
+
+The AD-vs-CN probe uses only CN and AD rows (MCI and any other label are dropped and counted in the
+result); the positive class is AD. Its result also carries the probe direction in the *original*
+embedding space (unit vector ``coef / std``: moving ``y_sem`` along it raises P(AD)) and the
+standardisation used, so manipulation can reuse it. :func:`save_probes` / :func:`load_probes` store both
+fitted probes as JSON (exact float round trip) for :func:`predict_probes` on new embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldae.errors import LDAEError
+from ldae.io import write_json
+
+POSITIVE = "AD"
+NEGATIVE = "CN"
+DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+DEFAULT_ALPHAS: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+MAX_FOLDS = 5
+PROBES_FORMAT = "ldae-probes-v1"
+# Keys holding arrays (kept out of metrics tables by :func:`scalar_metrics`).
+_ARRAY_KEYS = ("direction", "mean", "scale", "coef", "test_index", "test_score", "test_prediction")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _check_inputs(X: Any, columns: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``X`` as a finite float64 (n, d) array and each column as a length-n array, or LDAEError."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise LDAEError(
+            f"probe: embeddings must be a non-empty (n_samples, n_features) array, got shape {X.shape}"
+        )
+    if not np.isfinite(X).all():
+        raise LDAEError(f"probe: embeddings hold {int((~np.isfinite(X)).sum())} NaN/inf value(s)")
+    out = {}
+    for name, values in columns.items():
+        arr = np.asarray(values)
+        if arr.shape != (X.shape[0],):
+            raise LDAEError(
+                f"probe: '{name}' has shape {arr.shape}, expected ({X.shape[0]},) to match the embeddings"
+            )
+        out[name] = arr
+    split = out["split"].astype(str)
+    if not np.isin(split, ("train", "val", "test")).all():
+        bad = sorted(set(split) - {"train", "val", "test"})
+        raise LDAEError(f"probe: unknown split value(s) {bad}; expected train/val/test")
+    out["split"] = split
+    out["subject"] = out["subject"].astype(str)
+    return X, out
+
+
+def _fit_test_masks(split: np.ndarray, fit_splits: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+    fit = np.isin(split, list(fit_splits))
+    test = split == "test"
+    if not fit.any():
+        raise LDAEError(f"{what}: no rows in split(s) {list(fit_splits)} to fit the probe on")
+    if not test.any():
+        raise LDAEError(f"{what}: no rows in the 'test' split to evaluate the probe on")
+    return fit, test
+
+
+def _n_folds(n_groups: int, what: str) -> int:
+    if n_groups < 2:
+        raise LDAEError(
+            f"{what}: need at least 2 subjects per class in the fit split to choose the "
+            f"regularisation by subject-grouped cross-validation, got {n_groups}"
+        )
+    return min(MAX_FOLDS, n_groups)
+
+
+def _standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the fit rows (std 1 where a feature is constant, as scikit-learn does)."""
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
+    return mean, scale
+
+
+def _pick(grid: Sequence[float], scores: list[float], higher_is_better: bool, strongest_first: bool) -> float:
+    """Best grid value; ties resolved toward the strongest regularisation."""
+    order = range(len(grid)) if strongest_first else reversed(range(len(grid)))
+    best_i, best = None, None
+    for i in order:
+        s = scores[i]
+        if not np.isfinite(s):
+            continue
+        if best is None or (s > best + 1e-12 if higher_is_better else s < best - 1e-12):
+            best_i, best = i, s
+    if best_i is None:
+        raise LDAEError("probe: cross-validation gave no finite score for any regularisation value")
+    return float(grid[best_i])
+
+
+# ------------------------------------------------------------------------------------------- AD vs CN
+def probe_ad_vs_cn(
+    X: Any,
+    diagnosis: Any,
+    split: Any,
+    subject: Any,
+    seed: int = 0,
+    Cs: Sequence[float] = DEFAULT_CS,
+    fit_splits: Sequence[str] = ("train",),
+    positive: str = POSITIVE,
+    negative: str = NEGATIVE,
+) -> dict[str, Any]:
+    """Logistic-regression probe AD (positive) vs CN; metrics on the test split (see module docstring).
+
+    Args:
+        X: (n, d) embeddings, one row per scan.
+        diagnosis, split, subject: per-row labels (split in train/val/test).
+        seed: seeds the subject-grouped fold assignment.
+        Cs: inverse regularisation strengths tried (smaller = stronger).
+        fit_splits: splits the probe is fitted (and cross-validated) on.
+
+    Returns:
+        dict with accuracy, precision, recall, f1, mcc, auc (test), n_train/n_test (+ subjects), the chosen
+        ``C`` and per-C validation AUC, ``positive_class``, ``dropped`` (label -> rows), ``classes``,
+        the model (``coef``/``intercept`` in standardised space, ``mean``/``scale``), the unit
+        ``direction`` in the original space, and ``test_index``/``test_score`` (P(AD) per test row).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        matthews_corrcoef,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    what = "AD-vs-CN probe"
+    X, cols = _check_inputs(X, {"diagnosis": diagnosis, "split": split, "subject": subject})
+    dx = cols["diagnosis"].astype(str)
+    keep = np.isin(dx, (positive, negative))
+    dropped = {str(k): int(v) for k, v in zip(*np.unique(dx[~keep], return_counts=True))}
+    fit, test = _fit_test_masks(cols["split"], fit_splits, what)
+    fit &= keep
+    test &= keep
+    y = (dx == positive).astype(int)
+    for name, mask, where in (
+        (positive, 1, "fit"),
+        (negative, 0, "fit"),
+        (positive, 1, "test"),
+        (negative, 0, "test"),
+    ):
+        rows = fit if where == "fit" else test
+        if not (y[rows] == mask).any():
+            splits = list(fit_splits) if where == "fit" else ["test"]
+            raise LDAEError(
+                f"{what}: no '{name}' rows in split(s) {splits}; both {negative} and {positive} are "
+                f"needed (diagnoses present there: {sorted(set(dx[np.isin(cols['split'], splits)]))})"
+            )
+
+    Xf, yf, gf = X[fit], y[fit], cols["subject"][fit]
+    n_sub = min(len(set(gf[yf == 1])), len(set(gf[yf == 0])))
+    k = _n_folds(n_sub, what)
+    folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(Xf, yf, gf))
+
+    def _fit(Xa: np.ndarray, ya: np.ndarray, C: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
+        mean, scale = _standardiser(Xa)
+        clf = LogisticRegression(C=C, max_iter=5000, random_state=seed)
+        clf.fit((Xa - mean) / scale, ya)
+        return clf, mean, scale
+
+    cv_auc = []
+    for C in Cs:
+        aucs = []
+        for tr, va in folds:
+            if len(np.unique(yf[tr])) < 2 or len(np.unique(yf[va])) < 2:
+                continue
+            clf, mean, scale = _fit(Xf[tr], yf[tr], C)
+            aucs.append(roc_auc_score(yf[va], clf.decision_function((Xf[va] - mean) / scale)))
+        cv_auc.append(float(np.mean(aucs)) if aucs else float("nan"))
+    best_C = _pick(Cs, cv_auc, higher_is_better=True, strongest_first=True)
+
+    clf, mean, scale = _fit(Xf, yf, best_C)
+    coef = clf.coef_[0].astype(np.float64)
+    intercept = float(clf.intercept_[0])
+    raw = coef / scale
+    norm = float(np.linalg.norm(raw))
+    direction = raw / norm if norm > 0 else raw
+    Xt, yt = X[test], y[test]
+    score = clf.predict_proba((Xt - mean) / scale)[:, 1]
+    pred = (score >= 0.5).astype(int)
+    return {
+        "positive_class": positive,
+        "negative_class": negative,
+        "classes": [negative, positive],
+        "dropped": dropped,
+        "accuracy": float(accuracy_score(yt, pred)),
+        "precision": float(precision_score(yt, pred, zero_division=0)),
+        "recall": float(recall_score(yt, pred, zero_division=0)),
+        "f1": float(f1_score(yt, pred, zero_division=0)),
+        "mcc": float(matthews_corrcoef(yt, pred)),
+        "auc": float(roc_auc_score(yt, score)),
+        "n_train": int(fit.sum()),
+        "n_test": int(test.sum()),
+        "n_train_subjects": len(set(gf)),
+        "n_test_subjects": len(set(cols["subject"][test])),
+        "C": best_C,
+        "cv_auc": {repr(float(c)): a for c, a in zip(Cs, cv_auc)},
+        "selection": f"StratifiedGroupKFold({k}) by subject over {list(fit_splits)} rows, mean validation ROC-AUC",
+        "threshold": 0.5,
+        "coef": coef,
+        "intercept": intercept,
+        "mean": mean,
+        "scale": scale,
+        "direction": direction,
+        "test_index": np.flatnonzero(test),
+        "test_score": score,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ age
+def probe_age(
+    X: Any,
+    age: Any,
+    split: Any,
+    subject: Any,
+    seed: int = 0,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    fit_splits: Sequence[str] = ("train",),
+) -> dict[str, Any]:
+    """Ridge-regression age probe on all diagnoses; MAE and RMSE (years) on the test split.
+
+    ``alpha`` is chosen by ``GroupKFold`` by subject over the fit rows (mean validation MAE); ``seed``
+    shuffles the subject-to-fold assignment. Returns the metrics, chosen ``alpha`` and per-alpha validation
+    MAE, the model (``coef``/``intercept`` in standardised space, ``mean``/``scale``) and
+    ``test_index``/``test_prediction``.
+    """
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GroupKFold
+
+    what = "age probe"
+    X, cols = _check_inputs(X, {"age": age, "split": split, "subject": subject})
+    try:
+        y = cols["age"].astype(np.float64)
+    except ValueError:
+        raise LDAEError(f"{what}: age values must be numeric") from None
+    if not np.isfinite(y).all():
+        raise LDAEError(f"{what}: age holds {int((~np.isfinite(y)).sum())} NaN/inf value(s)")
+    fit, test = _fit_test_masks(cols["split"], fit_splits, what)
+    Xf, yf, gf = X[fit], y[fit], cols["subject"][fit]
+    k = _n_folds(len(set(gf)), what)
+    # GroupKFold balances fold sizes deterministically; shuffling the group ids makes it seed-dependent.
+    uniq = np.unique(gf)
+    rng = np.random.default_rng(seed)
+    relabel = dict(zip(uniq, rng.permutation(len(uniq))))
+    groups = np.array([relabel[g] for g in gf])
+    folds = list(GroupKFold(n_splits=k).split(Xf, yf, groups))
+
+    def _fit(Xa: np.ndarray, ya: np.ndarray, alpha: float) -> tuple[Ridge, np.ndarray, np.ndarray]:
+        mean, scale = _standardiser(Xa)
+        reg = Ridge(alpha=alpha)
+        reg.fit((Xa - mean) / scale, ya)
+        return reg, mean, scale
+
+    cv_mae = []
+    for alpha in alphas:
+        maes = []
+        for tr, va in folds:
+            reg, mean, scale = _fit(Xf[tr], yf[tr], alpha)
+            maes.append(float(np.mean(np.abs(reg.predict((Xf[va] - mean) / scale) - yf[va]))))
+        cv_mae.append(float(np.mean(maes)))
+    best_alpha = _pick(alphas, cv_mae, higher_is_better=False, strongest_first=False)
+
+    reg, mean, scale = _fit(Xf, yf, best_alpha)
+    pred = reg.predict((X[test] - mean) / scale)
+    err = pred - y[test]
+    return {
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "n_train": int(fit.sum()),
+        "n_test": int(test.sum()),
+        "n_train_subjects": len(set(gf)),
+        "n_test_subjects": len(set(cols["subject"][test])),
+        "alpha": best_alpha,
+        "cv_mae": {repr(float(a)): m for a, m in zip(alphas, cv_mae)},
+        "selection": f"GroupKFold({k}) by subject over {list(fit_splits)} rows, mean validation MAE",
+        "coef": np.asarray(reg.coef_, dtype=np.float64),
+        "intercept": float(reg.intercept_),
+        "mean": mean,
+        "scale": scale,
+        "test_index": np.flatnonzero(test),
+        "test_prediction": pred,
+    }
+
+
+def scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """A probe result without its arrays (for metrics.json / tables)."""
+    return {k: v for k, v in result.items() if k not in _ARRAY_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------ LDA
+def lda_projection(X: Any, diagnosis: Any, fit_mask: Any | None = None) -> np.ndarray:
+    """2D linear-discriminant projection (n, 2) of the embeddings for a scatter plot.
+
+    Fitted on the rows of ``fit_mask`` (default all rows; pass the train split to avoid optimism) and
+    applied to all rows. Needs at least 3 diagnosis classes among the fit rows (e.g. CN/MCI/AD).
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    X = np.asarray(X, dtype=np.float64)
+    dx = np.asarray(diagnosis).astype(str)
+    if X.ndim != 2 or dx.shape != (X.shape[0],):
+        raise LDAEError(f"LDA projection: need (n, d) embeddings and n labels, got {X.shape} and {dx.shape}")
+    mask = np.ones(len(dx), bool) if fit_mask is None else np.asarray(fit_mask, bool)
+    classes = np.unique(dx[mask])
+    if len(classes) < 3:
+        raise LDAEError(f"LDA projection: needs 3 diagnosis classes for 2 components, got {list(classes)}")
+    lda = LinearDiscriminantAnalysis(n_components=2, solver="svd")
+    lda.fit(X[mask], dx[mask])
+    return lda.transform(X)
+
+
+# --------------------------------------------------------------------------------------- persistence
+def _model_part(result: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    missing = [k for k in keys if k not in result]
+    if missing:
+        raise LDAEError(
+            f"save_probes: probe result lacks {missing}; pass the dict returned by the probe function"
+        )
+    return {
+        k: (np.asarray(result[k]).tolist() if isinstance(result[k], np.ndarray) else result[k]) for k in keys
+    }
+
+
+def save_probes(path: str | Path, ad_vs_cn: dict[str, Any], age: dict[str, Any]) -> Path:
+    """Atomically write both fitted probes as JSON (coefficients, intercepts, standardisation, classes,
+    chosen hyper-parameters, test metrics) for :func:`predict_probes`."""
+    ad_keys = (
+        "coef",
+        "intercept",
+        "mean",
+        "scale",
+        "direction",
+        "classes",
+        "positive_class",
+        "C",
+        "threshold",
+    )
+    age_keys = ("coef", "intercept", "mean", "scale", "alpha")
+    metric_keys = ("accuracy", "precision", "recall", "f1", "mcc", "auc", "mae", "rmse", "n_train", "n_test")
+    obj = {
+        "format": PROBES_FORMAT,
+        "ad_vs_cn": _model_part(ad_vs_cn, ad_keys)
+        | {"metrics": {k: ad_vs_cn[k] for k in metric_keys if k in ad_vs_cn}},
+        "age": _model_part(age, age_keys) | {"metrics": {k: age[k] for k in metric_keys if k in age}},
+    }
+    return write_json(path, obj)
+
+
+def load_probes(path: str | Path) -> dict[str, Any]:
+    """Read probes written by :func:`save_probes`; arrays back as float64 numpy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise LDAEError(f"{path}: probes file not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LDAEError(f"{path}: not a readable probes JSON ({exc})") from None
+    if not isinstance(obj, dict) or obj.get("format") != PROBES_FORMAT:
+        raise LDAEError(f"{path}: not an ldae probes file (expected format '{PROBES_FORMAT}')")
+    for part in ("ad_vs_cn", "age"):
+        if part not in obj:
+            raise LDAEError(f"{path}: probes file lacks the '{part}' probe")
+        for key in ("coef", "mean", "scale", "direction"):
+            if key in obj[part]:
+                obj[part][key] = np.asarray(obj[part][key], dtype=np.float64)
+    return obj
+
+
+def predict_probes(probes: dict[str, Any], X: Any) -> tuple[np.ndarray, np.ndarray]:
+    """P(AD) and estimated age for new embeddings ``X`` (n, d) with probes from :func:`load_probes`."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None]
+    out = []
+    for part in ("ad_vs_cn", "age"):
+        p = probes[part]
+        d = len(p["coef"])
+        if X.ndim != 2 or X.shape[1] != d:
+            raise LDAEError(
+                f"predict_probes: embeddings have shape {X.shape}, the {part} probe expects (n, {d})"
+            )
+        out.append(((X - p["mean"]) / p["scale"]) @ p["coef"] + p["intercept"])
+    logit, age = out
+    return 1.0 / (1.0 + np.exp(-logit)), age

@@ -1,0 +1,158 @@
+"""Linear probes: planted-signal recovery, AUC against a brute-force pair count, noise control,
+save/load round trip, LDA projection and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldae.errors import LDAEError
+from ldae.evaluation.probes import (
+    lda_projection,
+    load_probes,
+    predict_probes,
+    probe_ad_vs_cn,
+    probe_age,
+    save_probes,
+    scalar_metrics,
+)
+
+
+def _cohort(n_subjects: int = 90, sessions: int = 2, d: int = 16, signal: float = 2.0, seed: int = 0):
+    """Synthetic embeddings with a planted AD direction ``w`` (in the original, anisotropic space) and an
+    age direction ``v``; sessions of a subject share their subject-level noise."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=d)
+    w /= np.linalg.norm(w)
+    v = rng.normal(size=d)
+    v -= (v @ w) * w
+    v /= np.linalg.norm(v)
+    scales = np.exp(rng.uniform(-0.5, 0.5, size=d))  # anisotropic features: standardisation matters
+    dx_choices = np.array(["CN", "MCI", "AD"])
+    rows = []
+    for s in range(n_subjects):
+        dx = dx_choices[s % 3]
+        split = "test" if s % 5 == 0 else ("val" if s % 5 == 1 else "train")
+        base = rng.normal(size=d)
+        age0 = rng.uniform(60, 85)
+        for k in range(sessions):
+            age = age0 + k
+            e = base + 0.3 * rng.normal(size=d)
+            e -= (e @ w) * w + (e @ v) * v  # signal-free part orthogonal to both directions
+            level = {"CN": -1.0, "MCI": 0.0, "AD": 1.0}[dx]
+            e = e + (signal * level + 0.5 * rng.normal()) * w + ((age - 72.5) / 5.0 + 0.05 * rng.normal()) * v
+            rows.append((f"s{s:03d}", dx, split, age, e))
+    subject, dx, split, age, X = map(np.array, zip(*rows))
+    # the planted direction lives in the rescaled space: x = e * scales  ->  logit direction w / scales
+    return X * scales, dx, split, age, subject, (w / scales) / np.linalg.norm(w / scales)
+
+
+def _brute_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """P(score_pos > score_neg) + 0.5 P(tie) over all positive-negative pairs."""
+    pos, neg = score[y == 1], score[y == 0]
+    total = 0.0
+    for p in pos:
+        for q in neg:
+            total += 1.0 if p > q else (0.5 if p == q else 0.0)
+    return total / (len(pos) * len(neg))
+
+
+def test_planted_signal_recovered_and_auc_matches_brute_force() -> None:
+    X, dx, split, age, subject, w = _cohort()
+    res = probe_ad_vs_cn(X, dx, split, subject, seed=0)
+    assert res["positive_class"] == "AD" and res["dropped"] == {"MCI": int((dx == "MCI").sum())}
+    assert res["auc"] > 0.95 and res["accuracy"] > 0.85
+    assert float(np.dot(res["direction"], w)) > 0.9
+    assert abs(np.linalg.norm(res["direction"]) - 1) < 1e-12
+    assert res["n_test"] == int(((split == "test") & (dx != "MCI")).sum())
+    assert res["n_train"] == int(((split == "train") & (dx != "MCI")).sum())
+
+    idx = res["test_index"]
+    y = (dx[idx] == "AD").astype(int)
+    assert res["auc"] == pytest.approx(_brute_auc(y, res["test_score"]), abs=1e-12)
+    # the direction is the logit gradient: moving along it raises P(AD)
+    probes = {"ad_vs_cn": res, "age": probe_age(X, age, split, subject)}
+    p0, _ = predict_probes(probes, X[idx])
+    p1, _ = predict_probes(probes, X[idx] + 0.1 * res["direction"])
+    assert (p1 > p0).all()
+    np.testing.assert_allclose(p0, res["test_score"], rtol=1e-10, atol=1e-12)
+    # metrics from the confusion matrix, computed by hand
+    pred = (res["test_score"] >= 0.5).astype(int)
+    tp, tn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 0) & (y == 0)).sum())
+    fp, fn = int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
+    assert res["recall"] == pytest.approx(tp / (tp + fn))
+    assert res["precision"] == pytest.approx(tp / (tp + fp))
+    mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert res["mcc"] == pytest.approx(mcc)
+    assert "direction" not in scalar_metrics(res) and "auc" in scalar_metrics(res)
+
+
+def test_age_probe_recovers_planted_age() -> None:
+    X, dx, split, age, subject, _ = _cohort()
+    res = probe_age(X, age, split, subject, seed=0)
+    assert res["mae"] < 1.0  # ages span 60-86 years; noise on the age coordinate is 0.25 years
+    assert res["rmse"] >= res["mae"]
+    err = res["test_prediction"] - age[res["test_index"]]
+    assert res["rmse"] == pytest.approx(float(np.sqrt(np.mean(err**2))))
+    assert res["alpha"] in (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+
+
+def test_noise_gives_chance_auc() -> None:
+    rng = np.random.default_rng(1)
+    X, dx, split, age, subject, _ = _cohort(n_subjects=150, signal=0.0)
+    X = rng.normal(size=X.shape)  # pure noise: no information at all
+    aucs = [probe_ad_vs_cn(X, dx, split, subject, seed=s)["auc"] for s in range(2)]
+    # ~40 test scans: the AUC of a random scorer has sd ~0.09
+    assert all(abs(a - 0.5) < 0.22 for a in aucs), aucs
+
+
+def test_save_load_round_trip_identical_predictions(tmp_path) -> None:
+    X, dx, split, age, subject, _ = _cohort()
+    ad, ag = probe_ad_vs_cn(X, dx, split, subject), probe_age(X, age, split, subject)
+    path = save_probes(tmp_path / "probes.json", ad, ag)
+    loaded = load_probes(path)
+    X_new = np.random.default_rng(3).normal(size=(7, X.shape[1]))
+    p_a, a_a = predict_probes({"ad_vs_cn": ad, "age": ag}, X_new)
+    p_b, a_b = predict_probes(loaded, X_new)
+    np.testing.assert_array_equal(p_a, p_b)
+    np.testing.assert_array_equal(a_a, a_b)
+    assert loaded["ad_vs_cn"]["positive_class"] == "AD" and loaded["ad_vs_cn"]["C"] == ad["C"]
+    assert loaded["age"]["alpha"] == ag["alpha"]
+    # the age prediction equals scikit-learn's on the test rows
+    np.testing.assert_allclose(
+        predict_probes(loaded, X[ag["test_index"]])[1], ag["test_prediction"], rtol=1e-10
+    )
+    with pytest.raises(LDAEError, match="expects"):
+        predict_probes(loaded, X_new[:, :3])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(LDAEError, match="bad.json"):
+        load_probes(tmp_path / "bad.json")
+
+
+def test_missing_class_errors() -> None:
+    X, dx, split, age, subject, _ = _cohort()
+    no_ad_test = dx.copy()
+    no_ad_test[(split == "test") & (dx == "AD")] = "MCI"
+    with pytest.raises(LDAEError, match=r"no 'AD' rows in split\(s\) \['test'\]"):
+        probe_ad_vs_cn(X, no_ad_test, split, subject)
+    no_cn_train = dx.copy()
+    no_cn_train[(split == "train") & (dx == "CN")] = "AD"
+    with pytest.raises(LDAEError, match=r"no 'CN' rows in split\(s\) \['train'\]"):
+        probe_ad_vs_cn(X, no_cn_train, split, subject)
+    with pytest.raises(LDAEError, match="no rows in the 'test' split"):
+        probe_age(X, age, np.where(split == "test", "val", split), subject)
+    with pytest.raises(LDAEError, match="shape"):
+        probe_age(X, age[:-1], split, subject)
+    with pytest.raises(LDAEError, match="NaN"):
+        probe_ad_vs_cn(np.where(X > 2, np.nan, X), dx, split, subject)
+
+
+def test_lda_projection_separates_classes() -> None:
+    X, dx, split, age, subject, w = _cohort()
+    Z = lda_projection(X, dx, fit_mask=split == "train")
+    assert Z.shape == (len(X), 2)
+    means = {c: Z[dx == c, 0].mean() for c in ("CN", "MCI", "AD")}
+    # the first discriminant orders the classes along the planted axis (sign is arbitrary)
+    assert (means["CN"] < means["MCI"] < means["AD"]) or (means["CN"] > means["MCI"] > means["AD"])
+    with pytest.raises(LDAEError, match="3 diagnosis classes"):
+        lda_projection(X[dx != "MCI"], dx[dx != "MCI"])
