@@ -1,0 +1,244 @@
+"""Missing-timepoint prediction bookkeeping (paper §4.2 / §5.5): triplets, baselines, interpolation, summaries.
+
+For every subject with at least three sessions, every ordered triplet of sessions
+``start < target < end`` (months) is a test case: the method sees ``start`` and ``end`` and predicts
+``target`` at ``t = (target - start) / (end - start)``. Scores (SSIM, MSE, ...) per triplet and method are
+summarised overall and stratified by
+
+* time gap ``end - start`` (months),
+* prediction gap ``min(target - start, end - target)`` (months to the nearest observed visit),
+* relative position of the target: ``early`` (t <= 1/3), ``middle`` (1/3 < t < 2/3), ``late`` (t >= 2/3).
+
+:func:`nearest_visit_baseline` is the trivial baseline (copy the closer endpoint; ties go to the earlier
+visit); :func:`lerp` and :func:`slerp` interpolate latents or embeddings batch-wise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ldae.errors import CohortError, LDAEError
+
+TRIPLET_COLUMNS = (
+    "subject",
+    "start_month",
+    "target_month",
+    "end_month",
+    "start_index",
+    "target_index",
+    "end_index",
+    "t",
+    "time_gap_months",
+    "prediction_gap_months",
+    "relative_position",
+)
+POSITIONS = ("early", "middle", "late")
+# Right-closed month bins: (0, 12], (12, 24], ...; the last bin is open-ended.
+DEFAULT_TIME_GAP_EDGES: tuple[float, ...] = (0, 12, 24, 36, 48, math.inf)
+DEFAULT_PREDICTION_GAP_EDGES: tuple[float, ...] = (0, 6, 12, 24, math.inf)
+DEFAULT_METRICS = ("ssim", "mse", "psnr", "mae")
+_EPS = 1e-9
+
+
+def relative_position(t: float) -> str:
+    """``early`` for t <= 1/3, ``late`` for t >= 2/3, else ``middle`` (symmetric around 0.5)."""
+    if t <= 1 / 3 + _EPS:
+        return "early"
+    if t >= 2 / 3 - _EPS:
+        return "late"
+    return "middle"
+
+
+def enumerate_triplets(df: pd.DataFrame) -> pd.DataFrame:
+    """All (start, target, end) session triplets of subjects with >= 3 sessions.
+
+    ``df`` needs ``subject`` and ``session`` (months, int) columns; the ``*_index`` columns hold the
+    index labels of ``df`` for each session. Rows are ordered by subject, then start, target, end.
+    """
+    missing = [c for c in ("subject", "session") if c not in df.columns]
+    if missing:
+        raise CohortError(f"triplets: cohort lacks column(s) {missing}")
+    rows: list[dict[str, Any]] = []
+    for subject, group in df.groupby(df["subject"].astype(str), sort=True):
+        months = group["session"].to_numpy()
+        if len(set(months.tolist())) != len(months):
+            raise CohortError(f"triplets: subject {subject} has duplicate sessions {sorted(months.tolist())}")
+        order = np.argsort(months, kind="stable")
+        ses = [(int(months[i]), group.index[i]) for i in order]
+        for (m0, i0), (m1, i1), (m2, i2) in itertools.combinations(ses, 3):
+            t = (m1 - m0) / (m2 - m0)
+            rows.append(
+                {
+                    "subject": subject,
+                    "start_month": m0,
+                    "target_month": m1,
+                    "end_month": m2,
+                    "start_index": i0,
+                    "target_index": i1,
+                    "end_index": i2,
+                    "t": t,
+                    "time_gap_months": m2 - m0,
+                    "prediction_gap_months": min(m1 - m0, m2 - m1),
+                    "relative_position": relative_position(t),
+                }
+            )
+    return pd.DataFrame(rows, columns=list(TRIPLET_COLUMNS))
+
+
+# --------------------------------------------------------------------------------------- interpolation
+def _to_torch(x: Any) -> tuple[torch.Tensor, bool]:
+    if isinstance(x, torch.Tensor):
+        return x, False
+    return torch.as_tensor(np.asarray(x)), True
+
+
+def _t_like(t: Any, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor broadcastable against ``ref`` (scalar, or one value per row of a batch)."""
+    tt = torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
+    if tt.ndim == 0:
+        return tt
+    if tt.ndim != 1 or ref.ndim < 2 or tt.shape[0] != ref.shape[0]:
+        raise LDAEError(
+            f"interpolation: t has shape {tuple(tt.shape)}, expected a scalar or ({ref.shape[0]},)"
+        )
+    return tt.reshape(-1, *([1] * (ref.ndim - 1)))
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise LDAEError(f"interpolation: endpoints differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def lerp(a: Any, b: Any, t: Any) -> Any:
+    """``(1 - t) a + t b``; ``t`` scalar or one value per batch row; numpy in -> numpy out."""
+    ta, was_np = _to_torch(a)
+    tb, _ = _to_torch(b)
+    _check_pair(ta, tb)
+    tt = _t_like(t, ta)
+    out = torch.where(tt == 0, ta, torch.where(tt == 1, tb, (1 - tt) * ta + tt * tb))
+    return out.numpy() if was_np else out
+
+
+def slerp(a: Any, b: Any, t: Any, eps: float = 1e-6) -> Any:
+    """Spherical interpolation, batch-correct: the angle is computed per sample.
+
+    ``a``/``b`` are a single vector (1-D) or a batch (B, ...) whose non-batch axes are flattened for the
+    angle; ``t`` is a scalar or (B,). ``slerp = sin((1-t)θ)/sinθ · a + sin(tθ)/sinθ · b``, so vectors of
+    equal norm stay on their sphere. Where ``sin θ < eps`` (near-parallel or anti-parallel vectors) it
+    falls back to :func:`lerp`; ``t = 0`` and ``t = 1`` return the endpoints exactly. numpy in -> numpy out.
+    """
+    ta, was_np = _to_torch(a)
+    tb, _ = _to_torch(b)
+    _check_pair(ta, tb)
+    if not ta.is_floating_point():
+        ta, tb = ta.double(), tb.double()
+    single = ta.ndim == 1
+    A = ta.reshape(1, -1) if single else ta.reshape(ta.shape[0], -1)
+    B = tb.reshape(A.shape)
+    tt = torch.as_tensor(t, dtype=A.dtype, device=A.device)
+    if tt.ndim > 1 or (tt.ndim == 1 and tt.shape[0] != A.shape[0]):
+        raise LDAEError(f"slerp: t has shape {tuple(tt.shape)}, expected a scalar or ({A.shape[0]},)")
+    tt = tt.reshape(-1, 1).expand(A.shape[0], 1)
+    na, nb = A.norm(dim=1, keepdim=True), B.norm(dim=1, keepdim=True)
+    cos = ((A * B).sum(dim=1, keepdim=True) / (na * nb).clamp_min(torch.finfo(A.dtype).tiny)).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    safe = sin >= eps
+    sin_safe = torch.where(safe, sin, torch.ones_like(sin))
+    sph = (torch.sin((1 - tt) * theta) / sin_safe) * A + (torch.sin(tt * theta) / sin_safe) * B
+    lin = (1 - tt) * A + tt * B
+    out = torch.where(safe, sph, lin)
+    out = torch.where(tt == 0, A, torch.where(tt == 1, B, out))
+    out = out.reshape(ta.shape)
+    return out.numpy() if was_np else out
+
+
+def nearest_visit_is_start(t: Any) -> np.ndarray:
+    """True where the start visit is the nearest to the target (``t <= 0.5``: ties go to the earlier visit)."""
+    return np.asarray(t, dtype=np.float64) <= 0.5
+
+
+def nearest_visit_baseline(start: Any, end: Any, t: Any) -> Any:
+    """Trivial baseline: copy the endpoint closer in time to the target (ties -> the earlier, ``start``).
+
+    ``start``/``end`` are single volumes/latents with a scalar ``t``, or batches (B, ...) with ``t`` of
+    shape (B,). Works on numpy arrays and torch tensors (same type out).
+    """
+    is_start = nearest_visit_is_start(t)
+    if is_start.ndim == 0:
+        return start if bool(is_start) else end
+    ts, was_np = _to_torch(start)
+    te, _ = _to_torch(end)
+    _check_pair(ts, te)
+    if ts.ndim < 1 or ts.shape[0] != is_start.shape[0]:
+        raise LDAEError(f"nearest visit: {is_start.shape[0]} t values for a batch of shape {tuple(ts.shape)}")
+    mask = torch.as_tensor(is_start, device=ts.device).reshape(-1, *([1] * (ts.ndim - 1)))
+    out = torch.where(mask, ts, te)
+    return out.numpy() if was_np else out
+
+
+# ------------------------------------------------------------------------------------------- summaries
+def _bin_labels(edges: Sequence[float]) -> list[str]:
+    labels = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        labels.append(f">{lo:g}" if math.isinf(hi) else f"{lo:g}-{hi:g}")
+    return labels
+
+
+def gap_bin(values: Any, edges: Sequence[float]) -> pd.Categorical:
+    """Right-closed month bins ``(lo, hi]`` labelled ``"lo-hi"`` (``">lo"`` for an open-ended last bin)."""
+    return pd.cut(pd.Series(values, dtype=float), bins=list(edges), right=True, labels=_bin_labels(edges))
+
+
+def summarize_triplet_scores(
+    df_scores: pd.DataFrame,
+    metrics: Sequence[str] | None = None,
+    time_gap_edges: Sequence[float] = DEFAULT_TIME_GAP_EDGES,
+    prediction_gap_edges: Sequence[float] = DEFAULT_PREDICTION_GAP_EDGES,
+) -> dict[str, Any]:
+    """Mean scores per method, overall and stratified by time gap, prediction gap and relative position.
+
+    ``df_scores`` has one row per (triplet, method): the triplet columns of :func:`enumerate_triplets`, a
+    ``method`` column (e.g. ``ldae``, ``nearest_visit``, ``latent_lerp``; absent = one method ``"all"``)
+    and metric columns (default: whichever of ssim, mse, psnr, mae exist). Returns
+    ``{method: {<metric>: mean, "n_triplets": n, "by_time_gap": {bin: {<metric>: mean, "n": n}},
+    "by_prediction_gap": {...}, "by_relative_position": {...}}}`` (empty bins omitted, bins in order).
+    """
+    metrics = list(metrics) if metrics is not None else [m for m in DEFAULT_METRICS if m in df_scores.columns]
+    needed = ["time_gap_months", "prediction_gap_months", "relative_position", *metrics]
+    missing = [c for c in needed if c not in df_scores.columns]
+    if missing:
+        raise LDAEError(f"triplet summary: scores table lacks column(s) {missing}")
+    if not metrics:
+        raise LDAEError(f"triplet summary: no metric column found (looked for {list(DEFAULT_METRICS)})")
+    df = df_scores.copy()
+    if "method" not in df.columns:
+        df["method"] = "all"
+    df["_time_gap"] = gap_bin(df["time_gap_months"].to_numpy(), time_gap_edges)
+    df["_prediction_gap"] = gap_bin(df["prediction_gap_months"].to_numpy(), prediction_gap_edges)
+    df["_position"] = pd.Categorical(df["relative_position"], categories=list(POSITIONS))
+
+    def _means(g: pd.DataFrame) -> dict[str, float]:
+        return {m: float(g[m].mean()) for m in metrics}
+
+    out: dict[str, Any] = {}
+    for method, g in df.groupby("method", sort=False):
+        entry: dict[str, Any] = _means(g) | {"n_triplets": len(g)}
+        for key, col in (
+            ("by_time_gap", "_time_gap"),
+            ("by_prediction_gap", "_prediction_gap"),
+            ("by_relative_position", "_position"),
+        ):
+            strata: dict[str, Any] = {}
+            for level, sub in g.groupby(col, observed=True, sort=True):
+                strata[str(level)] = _means(sub) | {"n": len(sub)}
+            entry[key] = strata
+        out[str(method)] = entry
+    return out
