@@ -67,3 +67,22 @@ def test_missing_latent_path_column(phantom_cohort: Path):
     dm = LatentDataModule(phantom_cohort)
     with pytest.raises(CohortError, match="run `ldae compress` first"):
         dm.setup()
+
+
+def test_image_latent_datamodule_pairs_rows(phantom_cohort: Path, tmp_path: Path):
+    from ldae.data.datamodule import ImageLatentDataModule
+
+    df = read_cohort(phantom_cohort)
+    paths = []
+    for i in range(len(df)):
+        p = tmp_path / "lat" / f"{i}_latent.npz"
+        write_npz(p, latent=np.full((3, 2, 3, 2), i, np.float32))
+        paths.append(str(p))
+    df["latent_path"] = paths
+    csv = write_cohort(df, tmp_path / "with_latent.csv")
+    dm = ImageLatentDataModule(csv, spacing=6.0, shape=(32, 40, 32), latent_shape=(3, 2, 3, 2), batch_size=2)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[1:] == (1, 32, 40, 32) and batch["latent"].shape[1:] == (3, 2, 3, 2)
+    for lat, idx in zip(batch["latent"], batch["index"]):
+        assert float(lat.mean()) == pytest.approx(float(idx))

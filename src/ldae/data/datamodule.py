@@ -190,3 +190,51 @@ class LatentDataModule(_CohortDataModule):
 
     def make_dataset(self, df: pd.DataFrame) -> Dataset:
         return LatentDataset(df, self.latent_shape)
+
+
+class ImageLatentDataset(Dataset):
+    """Model-ready volume and its latent, per cohort row (stage 3: the encoder sees the image, the
+    diffusion model the latent)."""
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        spacing: float | Sequence[float],
+        shape: Sequence[int],
+        latent_shape: Sequence[int] | None = None,
+        cache: bool = True,
+    ) -> None:
+        self.volumes = VolumeDataset(df, spacing, shape, cache=cache)
+        self.latents = LatentDataset(df, latent_shape)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.volumes[i]
+        item["latent"] = self.latents.latents[i]
+        return item
+
+
+class ImageLatentDataModule(_CohortDataModule):
+    """Volumes + latents from a compressed cohort CSV (``path`` and ``latent_path`` columns)."""
+
+    def __init__(
+        self,
+        csv: str | Path,
+        spacing: float | Sequence[float] = 1.5,
+        shape: Sequence[int] = (128, 160, 128),
+        latent_shape: Sequence[int] | None = None,
+        cache: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(csv, **kwargs)
+        self.spacing = spacing
+        self.shape = tuple(int(s) for s in shape)
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.cache = bool(cache)
+
+    def make_dataset(self, df: pd.DataFrame) -> Dataset:
+        return ImageLatentDataset(
+            df, self.spacing, self.shape, self.latent_shape, cache=self.cache and self.num_workers == 0
+        )
