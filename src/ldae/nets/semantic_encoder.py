@@ -152,10 +152,8 @@ def _one_channel_stem(conv: nn.Conv2d, pretrained: bool) -> nn.Conv2d:
             new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
         else:  # same init as torchvision's ConvNeXt convs
             nn.init.trunc_normal_(new.weight, std=0.02)
-        if new.bias is not None and pretrained:
-            new.bias.copy_(conv.bias)
-        elif new.bias is not None:
-            new.bias.zero_()
+        if new.bias is not None:
+            new.bias.copy_(conv.bias if pretrained else torch.zeros_like(new.bias))
     return new
 
 
