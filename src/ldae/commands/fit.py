@@ -12,8 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="YAML config file (may _inherit a packaged preset)")
     src.add_argument("--preset", choices=["paper", "small", "tiny"], help="packaged preset")
-    p.add_argument("--stage", choices=["autoencoder", "diffusion", "representation"],
-                   help="stage (required with --preset)")
+    from ldae.stages import STAGE_MODULES
+
+    p.add_argument("--stage", choices=list(STAGE_MODULES), help="stage (required with --preset)")
     p.add_argument("--out", help="run folder (overrides the config's 'out')")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.preset:
         if not args.stage:
-            raise ConfigError("--preset needs --stage (autoencoder, diffusion or representation)")
+            raise ConfigError("--preset needs --stage")
         cfg = load_preset(args.preset, args.stage)
     else:
         cfg = load_config(args.config)

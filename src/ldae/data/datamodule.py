@@ -140,7 +140,8 @@ class _CohortDataModule(pl.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(self.rows(split))
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+    def loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        """A DataLoader over one split."""
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
@@ -152,13 +153,13 @@ class _CohortDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        return self.loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+        return self.loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+        return self.loader("test", False, self.eval_batch_size)
 
 
 class VolumeDataModule(_CohortDataModule):
