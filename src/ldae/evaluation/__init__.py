@@ -1,0 +1,1 @@
+"""Evaluation: image metrics (SSIM/PSNR/MSE) and, in later modules, probes, interpolation and manipulation."""

@@ -1,0 +1,295 @@
+"""Stage 1: train MONAI's 3D ``AutoencoderKL`` with L1 + KL + patch-adversarial (+ perceptual) losses.
+
+Two optimizers (generator = autoencoder, discriminator) need Lightning's manual optimization, so this
+module implements gradient accumulation (``optim.accumulate_grad_batches``) and norm clipping
+(``optim.gradient_clip_val``) itself. Each network's backward runs while the other network's
+parameters are frozen (``requires_grad=False``), so no gradient leaks between them. The adversary
+switches on after ``loss.adversarial_warmup_epochs``. Mixed precision is Lightning's
+``trainer.precision`` (``bf16-mixed`` autocast on CPU and bf16-capable GPUs; otherwise 32-true).
+
+Validation reconstructs the val split from the posterior mean, logs ``val/ssim`` (monitored for
+``best.ckpt``), ``val/psnr`` and ``val/mse`` on reconstructions clipped to [0, 1], and saves an
+input / reconstruction / |error| mosaic to ``out/figures/`` each time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import AutoencoderKL
+
+from ldae.config import get_dotted
+from ldae.errors import CheckpointError, ConfigError
+from ldae.evaluation.metrics import reconstruction_metrics
+from ldae.nets.autoencoder import (
+    build_autoencoder,
+    build_discriminator,
+    discriminator_logits,
+    kl_loss,
+    l1_loss,
+    latent_shape,
+)
+from ldae.nets.perceptual import build_perceptual_loss
+from ldae.stages.common import (
+    load_checkpoint,
+    load_state_dict_strict,
+    make_trainer,
+    prepare_run,
+    stage_metadata,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "autoencoder"
+MONITOR = "val/ssim"
+STATE_PREFIX = "autoencoder."
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on every parameter of ``module`` (flags restored after),
+    so that a backward pass through it deposits no gradient in it."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Generator (AutoencoderKL) + PatchDiscriminator trained adversarially; see module docstring.
+
+    ``perceptual`` is kept outside the registered submodules: it is frozen, stays in eval mode, and is
+    not saved in checkpoints.
+    """
+
+    def __init__(self, cfg: dict, perceptual: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = copy.deepcopy(cfg)
+        self.autoencoder: AutoencoderKL = build_autoencoder(cfg["model"])
+        self.discriminator = build_discriminator(cfg["discriminator"])
+        self.adversarial = PatchAdversarialLoss(criterion="least_squares")
+        self._perceptual = [perceptual] if perceptual is not None else []  # a list hides it from nn.Module
+        loss = cfg["loss"]
+        self.w_l1 = float(loss["l1_weight"])
+        self.w_kl = float(loss["kl_weight"])
+        self.w_adv = float(loss["adversarial_weight"])
+        self.w_perceptual = float(loss["perceptual_weight"])
+        self.warmup_epochs = int(loss.get("adversarial_warmup_epochs", 0) or 0)
+        optim = cfg["optim"]
+        self.accumulate = int(optim.get("accumulate_grad_batches", 1) or 1)
+        self.clip_val = optim.get("gradient_clip_val")
+        self.out = Path(cfg["out"]) if cfg.get("out") else None
+        self._mosaic_saved = False
+
+    # ------------------------------------------------------------------ losses (also used by tests)
+    @property
+    def perceptual(self) -> torch.nn.Module | None:
+        return self._perceptual[0] if self._perceptual else None
+
+    def adversary_active(self) -> bool:
+        """True once the warm-up epochs are over (and the adversarial weight is positive)."""
+        return self.w_adv > 0 and self.current_epoch >= self.warmup_epochs
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._trainer is not None:
+            self.manual_backward(loss)
+        else:  # unit tests drive the module without a Trainer
+            loss.backward()
+
+    def generator_backward(
+        self, x: torch.Tensor, adversarial: bool, scale: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward the autoencoder, backpropagate the weighted generator loss (times ``scale``) into the
+        autoencoder only; return the detached reconstruction and the loss terms."""
+        with frozen(self.discriminator):
+            recon, z_mu, z_sigma = self.autoencoder(x)
+            terms = {"l1": l1_loss(recon, x), "kl": kl_loss(z_mu, z_sigma)}
+            total = self.w_l1 * terms["l1"] + self.w_kl * terms["kl"]
+            if self.perceptual is not None and self.w_perceptual > 0:
+                terms["perceptual"] = self.perceptual(recon.float(), x.float())
+                total = total + self.w_perceptual * terms["perceptual"]
+            if adversarial:
+                logits = discriminator_logits(self.discriminator, recon)
+                terms["adv_g"] = self.adversarial(logits, target_is_real=True, for_discriminator=False)
+                total = total + self.w_adv * terms["adv_g"]
+            terms["loss_g"] = total
+            self._backward(total * scale)
+        return recon.detach(), {k: v.detach() for k, v in terms.items()}
+
+    def discriminator_backward(self, x: torch.Tensor, recon: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Backpropagate the least-squares patch loss (real -> 1, reconstruction -> 0, averaged, times the
+        adversarial weight and ``scale``) into the discriminator only; return the unweighted loss."""
+        with frozen(self.autoencoder):
+            fake = discriminator_logits(self.discriminator, recon.detach())
+            real = discriminator_logits(self.discriminator, x)
+            loss = 0.5 * (
+                self.adversarial(fake, target_is_real=False, for_discriminator=True)
+                + self.adversarial(real, target_is_real=True, for_discriminator=True)
+            )
+            self._backward(self.w_adv * loss * scale)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        optim = self.cfg["optim"]
+        opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=float(optim["lr_generator"]),
+                                 betas=tuple(optim.get("betas", (0.9, 0.999))))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=float(optim["lr_discriminator"]),
+                                 betas=tuple(optim.get("betas", (0.9, 0.999))))
+        return [opt_g, opt_d]
+
+    def on_fit_start(self) -> None:
+        if self.perceptual is not None:
+            self.perceptual.to(self.device).eval()
+
+    def _optimizer_step(self, optimizer: Any, module: torch.nn.Module) -> None:
+        if self.clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=float(self.clip_val), gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        x = batch["image"]
+        scale = 1.0 / self.accumulate
+        adversarial = self.adversary_active()
+        recon, terms = self.generator_backward(x, adversarial, scale)
+        if adversarial:
+            terms["loss_d"] = self.discriminator_backward(x, recon, scale)
+        if (batch_idx + 1) % self.accumulate == 0 or self.trainer.is_last_batch:
+            self._optimizer_step(opt_g, self.autoencoder)
+            if adversarial:
+                self._optimizer_step(opt_d, self.discriminator)
+            else:
+                opt_d.zero_grad(set_to_none=True)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True,
+                      batch_size=x.shape[0])
+        self.log("train/adversary_on", float(adversarial), on_step=False, on_epoch=True, batch_size=x.shape[0])
+
+    def on_validation_epoch_start(self) -> None:
+        self._mosaic_saved = False
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            recon = self.autoencoder.reconstruct(x.float()).float().clamp(0.0, 1.0)
+        metrics = reconstruction_metrics(recon, x.float())
+        self.log_dict({f"val/{k}": v.mean() for k, v in metrics.items()}, on_epoch=True,
+                      batch_size=x.shape[0], prog_bar=True)
+        if not self._mosaic_saved and not self.trainer.sanity_checking and self.out is not None:
+            self._save_mosaic(x[0], recon[0], float(metrics["ssim"][0]))
+            self._mosaic_saved = True
+
+    def _save_mosaic(self, x: torch.Tensor, recon: torch.Tensor, ssim: float) -> None:
+        from ldae.viz import save_mosaic
+
+        path = self.out / "figures" / f"val_epoch{self.current_epoch:03d}.png"
+        save_mosaic(path, [("input", x), ("reconstruction", recon), ("|error|", (recon - x).abs())],
+                    title=f"epoch {self.current_epoch}: SSIM {ssim:.3f}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = stage_metadata(self.cfg, STAGE)
+        meta["latent_shape"] = list(latent_shape(self.cfg["model"], self.cfg["data"]["shape"]))
+        checkpoint["ldae"] = meta
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def _validate(cfg: dict) -> None:
+    for section in ("data", "model", "discriminator", "loss", "optim", "trainer"):
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
+    for key in ("accumulate_grad_batches", "gradient_clip_val"):
+        if key in cfg["trainer"]:
+            raise ConfigError(f"config key 'trainer.{key}' is not supported by the two-optimizer "
+                              f"autoencoder stage: use 'optim.{key}'")
+    if not get_dotted(cfg, "data.csv"):
+        raise ConfigError("config key 'data.csv' is not set: pass --data.csv COHORT.csv")
+    latent_shape(cfg["model"], cfg["data"]["shape"])  # divisibility check
+
+
+def resolve_precision(trainer_cfg: dict) -> str:
+    """``trainer.precision``, with bf16 replaced by 32-true on a CUDA device without bf16 support."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    accel = str(trainer_cfg.get("accelerator", "auto"))
+    if precision.startswith("bf16") and accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16 support: training in 32-true precision")
+            return "32-true"
+    return precision
+
+
+def fit(cfg: dict, resume: bool = False) -> Path:
+    """Train stage 1 from a resolved config; return ``out/checkpoints/best.ckpt`` (best ``val/ssim``).
+
+    The perceptual loss status ("enabled (...)" / "disabled (reason)") is written into the saved
+    config as ``loss.perceptual_status`` and thus into every checkpoint's metadata.
+    """
+    from ldae.data.datamodule import VolumeDataModule
+
+    cfg = copy.deepcopy(cfg)
+    _validate(cfg)
+    cfg["trainer"]["precision"] = resolve_precision(cfg["trainer"])
+    perceptual = build_perceptual_loss(cfg["loss"])
+    cfg["loss"]["perceptual_status"] = perceptual.status
+    data = cfg["data"]
+    datamodule = VolumeDataModule(
+        data["csv"],
+        spacing=data["spacing"],
+        shape=data["shape"],
+        cache=bool(data.get("cache", False)),
+        batch_size=int(data["batch_size"]),
+        eval_batch_size=data.get("eval_batch_size"),
+        num_workers=int(data.get("num_workers", 0)),
+        labels=data.get("labels", ("CN", "MCI", "AD")),
+        seed=int(cfg.get("seed", 0)),
+        test_fraction=float(data.get("test_fraction", 0.1)),
+        val_fraction=float(data.get("val_fraction", 0.01)),
+    )
+    for split in ("train", "val"):
+        if datamodule.rows(split).empty:
+            raise ConfigError(f"{data['csv']}: the '{split}' split is empty (check the CSV's split column "
+                              "or data.val_fraction)")
+    out, resume_ckpt = prepare_run(cfg, resume)
+    pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    module = AutoencoderModule(cfg, perceptual=perceptual.loss)
+    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="max")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    best = out / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
+                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
+    return best
+
+
+def load_autoencoder(ckpt_path: str | Path, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, dict]:
+    """The trained AutoencoderKL of a stage-1 checkpoint (strict load, eval mode, parameters frozen)
+    and the run's resolved config. CheckpointError for another stage's checkpoint or a weight mismatch."""
+    ckpt = load_checkpoint(ckpt_path, stage=STAGE)
+    cfg = ckpt["ldae"].get("config")
+    state = ckpt.get("state_dict")
+    if not isinstance(cfg, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its config or state_dict")
+    model_cfg = dict(cfg["model"], init_weights=None)  # the trained weights replace any init file
+    net = build_autoencoder(model_cfg)
+    weights = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+    load_state_dict_strict(net, weights, str(ckpt_path))
+    net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, cfg
