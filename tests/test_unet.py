@@ -17,6 +17,15 @@ PAPER = dict(in_channels=3, channels=[256, 512, 768], num_res_blocks=2, attentio
 PAPER_PARAMS = 450_868_227
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is as fast, and avoids OpenMP contention when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def unet() -> LatentUNet:
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "check": "ldae.commands.check",
     "synth": "ldae.commands.synth",
     "fit": "ldae.commands.fit",
+    "generate": "ldae.commands.generate",
     "compress": "ldae.commands.compress",
     "demo": "ldae.commands.demo",
 }

@@ -1,0 +1,100 @@
+"""Exponential moving average of weights, and frozen sub-modules that stay in eval mode.
+
+``EMA`` is an ``nn.Module`` holding a frozen copy of a model, so its weights travel with the owning
+LightningModule (device moves, ``state_dict``, checkpoints) under the prefix ``<name>.module.``.
+
+Frozen modules: a pretrained network used inside a trainable LightningModule must keep dropout off and
+norm statistics fixed. ``requires_grad_(False)`` is not enough: anything calling ``.train()`` on the
+parent (older Lightning versions at fit start, user code, some callbacks) recursively switches the
+frozen child back to training mode. :func:`freeze` marks a module, and :class:`FrozenEvalMixin` (put it
+first in a LightningModule's bases) re-applies ``eval()`` to marked modules after every ``train()``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+FROZEN_ATTR = "_ldae_frozen"
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients, eval mode, and marked so that :class:`FrozenEvalMixin` keeps it in eval mode."""
+    module.requires_grad_(False)
+    module.eval()
+    setattr(module, FROZEN_ATTR, True)
+    return module
+
+
+def is_frozen(module: nn.Module) -> bool:
+    return bool(getattr(module, FROZEN_ATTR, False))
+
+
+def keep_frozen_eval(root: nn.Module) -> None:
+    """Put every module marked by :func:`freeze` under ``root`` (and their children) back in eval mode."""
+    for m in root.modules():
+        if is_frozen(m):
+            m.eval()
+
+
+class FrozenEvalMixin:
+    """Mixin for ``nn.Module`` subclasses: ``train(True)`` leaves frozen sub-modules in eval mode."""
+
+    def train(self, mode: bool = True):  # type: ignore[no-untyped-def]
+        out = super().train(mode)  # type: ignore[misc]
+        keep_frozen_eval(self)  # type: ignore[arg-type]
+        return out
+
+
+class EMA(nn.Module):
+    """Shadow weights θ_ema ← d·θ_ema + (1-d)·θ after each optimizer step.
+
+    Args:
+        model: the trained module (its current weights initialise the shadow copy).
+        decay: d (0.999 in the paper).
+        warmup: use d_n = min(d, (1+n)/(10+n)) for the n-th update, so short runs are not dominated by
+            the random initial weights (off for the paper preset).
+
+    Buffers (e.g. norm statistics) are copied, not averaged. The shadow module is frozen and always in
+    eval mode; use :attr:`module` for inference or :meth:`copy_to` to load it into another model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.module = freeze(copy.deepcopy(model))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` will use."""
+        if not self.warmup:
+            return self.decay
+        n = int(self.num_updates)
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the shadow weights towards ``model``'s current weights."""
+        d = self.current_decay()
+        shadow = dict(self.module.named_parameters())
+        for name, p in model.named_parameters():
+            e = shadow[name]
+            e.lerp_(p.detach().to(e.dtype), 1.0 - d)
+        shadow_buffers = dict(self.module.named_buffers())
+        for name, b in model.named_buffers():
+            shadow_buffers[name].copy_(b)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the shadow weights into ``model`` (same architecture)."""
+        model.load_state_dict(self.module.state_dict(), strict=True)
+
+    def train(self, mode: bool = True) -> EMA:
+        """The shadow copy is never put in training mode."""
+        return super().train(False)

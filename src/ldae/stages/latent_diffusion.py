@@ -1,0 +1,332 @@
+"""Stage 2: unconditional latent DDPM (ε-prediction) on the autoencoder's scaled latents.
+
+Inputs: ``data.csv`` = the compressed cohort CSV (column ``latent_path``) written by ``ldae compress``,
+with ``latent_meta.json`` beside it (``scale_factor``, ``latent_shape``, ``autoencoder_checkpoint``).
+The model is trained on ``latent · scale_factor`` (unit variance); the factor is read from that file,
+never assumed.
+
+Training: t ~ U{0..T-1}, ε ~ N(0, I), loss ‖ε − ε_θ(√ᾱ_t z + √(1−ᾱ_t) ε, t)‖²; Adam; gradient clipping
+by the trainer (``trainer.gradient_clip_val``); EMA of the UNet after every optimizer step.
+Validation: ``val/loss`` of the EMA UNet with fixed noise and timesteps (monitored for ``best.ckpt``),
+and every ``validation.sample_every_n_epochs`` epochs a few DDIM samples decoded through the autoencoder
+into ``figures/samples_epochNNN.png`` (latent channels are shown instead, with a logged notice, when no
+autoencoder can be loaded). Checkpoints carry the EMA weights (``ema.module.*``), the scale factor, the
+latent shape and the autoencoder checkpoint path under ``checkpoint['ldae']``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from ldae.config import get_dotted
+from ldae.diffusion.ddim import ddim_sample
+from ldae.diffusion.schedule import NoiseSchedule
+from ldae.errors import CheckpointError, ConfigError
+from ldae.nets.unet import LatentUNet, check_config
+from ldae.runs import LATENT_META
+from ldae.stages.common import (
+    load_checkpoint,
+    load_state_dict_strict,
+    make_trainer,
+    prepare_run,
+    stage_metadata,
+)
+from ldae.stages.ema import EMA, freeze
+
+log = logging.getLogger(__name__)
+
+STAGE = "diffusion"
+MONITOR = "val/loss"
+EMA_PREFIX = "ema.module."
+SECTIONS = ("data", "model", "diffusion", "ema", "optim", "validation", "trainer")
+
+
+# ---------------------------------------------------------------------- latent metadata
+
+
+def read_latent_meta(csv: str | Path) -> dict:
+    """``latent_meta.json`` beside the compressed cohort CSV, validated; the autoencoder checkpoint
+    path is resolved against the JSON's folder (None when absent)."""
+    path = Path(csv).parent / LATENT_META
+    if not path.is_file():
+        raise ConfigError(f"{path}: latent metadata not found (`ldae compress` writes it beside {Path(csv).name})")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read latent metadata ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    scale = meta.get("scale_factor")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ConfigError(f"{path}: key 'scale_factor' must be a positive number, got {scale!r}")
+    shape = meta.get("latent_shape")
+    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ConfigError(f"{path}: key 'latent_shape' must be [C, D, H, W] (positive ints), got {shape!r}")
+    ae = meta.get("autoencoder_checkpoint")
+    if ae:
+        ae_path = Path(ae).expanduser()
+        ae = str(ae_path if ae_path.is_absolute() else (path.parent / ae_path).resolve())
+    return {"scale_factor": float(scale), "latent_shape": [int(s) for s in shape], "autoencoder_checkpoint": ae or None}
+
+
+def load_autoencoder_or_none(ckpt: str | Path | None, device: torch.device | str) -> tuple[Any, dict] | None:
+    """``ldae.stages.autoencoder.load_autoencoder(ckpt)`` or None (with a logged notice) when the stage-1
+    code or checkpoint is unavailable."""
+    if not ckpt or not Path(ckpt).is_file():
+        log.info("no autoencoder checkpoint (%s): sample figures show latent channels instead", ckpt)
+        return None
+    try:
+        from ldae.stages.autoencoder import load_autoencoder
+    except ImportError as exc:
+        log.info("autoencoder loader unavailable (%s): sample figures show latent channels instead", exc)
+        return None
+    return load_autoencoder(ckpt, device)
+
+
+# ---------------------------------------------------------------------- training module
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """ε-prediction training of :class:`LatentUNet` on scaled latents, with an EMA copy."""
+
+    def __init__(
+        self,
+        cfg: dict,
+        scale_factor: float,
+        latent_shape: list[int],
+        autoencoder_checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.scale_factor = float(scale_factor)
+        self.latent_shape = [int(s) for s in latent_shape]
+        self.autoencoder_checkpoint = autoencoder_checkpoint
+        self.unet = LatentUNet.from_config(cfg["model"])
+        if self.unet.config["in_channels"] != self.latent_shape[0]:
+            raise ConfigError(
+                f"config key 'model.in_channels' is {self.unet.config['in_channels']} but the latents have "
+                f"{self.latent_shape[0]} channels"
+            )
+        self.ema = EMA(self.unet, decay=float(cfg["ema"]["decay"]), warmup=bool(cfg["ema"].get("warmup", False)))
+        self.schedule = NoiseSchedule.from_config(cfg["diffusion"])
+        self.out = Path(cfg["out"])
+        self._autoencoder: list = []  # [(net, cfg) or None], loaded lazily, kept out of the state dict
+
+    # -------------------------------------------------------------- losses
+    def diffusion_loss(self, net: torch.nn.Module, z0: torch.Tensor, generator: torch.Generator | None = None):
+        """Mean squared error of the noise prediction at random timesteps (``generator`` on the CPU
+        makes them reproducible)."""
+        b = z0.shape[0]
+        if generator is None:
+            t = torch.randint(0, self.schedule.T, (b,), device=z0.device)
+            noise = torch.randn_like(z0)
+        else:
+            t = torch.randint(0, self.schedule.T, (b,), generator=generator).to(z0.device)
+            noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+        z_t = self.schedule.q_sample(z0, t, noise)
+        return F.mse_loss(net(z_t, t).float(), noise.float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        z0 = batch["latent"] * self.scale_factor
+        loss = self.diffusion_loss(self.unet, z0)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0])
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.unet)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        z0 = batch["latent"] * self.scale_factor
+        gen = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)) * 1000 + batch_idx)
+        state = gen.get_state()
+        loss = self.diffusion_loss(self.ema.module, z0, gen)
+        gen.set_state(state)
+        raw = self.diffusion_loss(self.unet, z0, gen)
+        self.log(MONITOR, loss, prog_bar=True, on_epoch=True, batch_size=z0.shape[0])
+        self.log("val/loss_raw", raw, on_epoch=True, batch_size=z0.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        every = int(get_dotted(self.cfg, "validation.sample_every_n_epochs", 0) or 0)
+        if self.trainer.sanity_checking or every <= 0 or (self.current_epoch + 1) % every:
+            return
+        if self.trainer.is_global_zero:
+            self.save_samples()
+
+    @torch.no_grad()
+    def save_samples(self) -> Path:
+        """DDIM samples of the EMA UNet, decoded when an autoencoder is available, as a PNG mosaic."""
+        from ldae.viz import save_mosaic
+
+        vcfg = self.cfg["validation"]
+        n, steps = int(vcfg.get("n_samples", 2)), int(vcfg.get("ddim_steps", 50))
+        gen = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)))
+        z_T = torch.randn((n, *self.latent_shape), generator=gen).to(self.device)
+        z = ddim_sample(self.ema.module, z_T, self.schedule, steps) / self.scale_factor
+        self.log("val/sample_std", float(z.std() * self.scale_factor))
+        if not self._autoencoder:
+            self._autoencoder.append(load_autoencoder_or_none(self.autoencoder_checkpoint, self.device))
+        path = self.out / "figures" / f"samples_epoch{self.current_epoch:03d}.png"
+        title = f"epoch {self.current_epoch}: {n} DDIM samples ({steps} steps)"
+        if self._autoencoder[0] is not None:
+            ae = self._autoencoder[0][0]
+            vols = ae.decode(z.to(next(ae.parameters()).dtype)).float()
+            rows = [(f"sample {i}", vols[i]) for i in range(n)]
+            return save_mosaic(path, rows, title=title)
+        rows = [(f"sample {i} latent ch{c}", z[i, c]) for i in range(n) for c in range(z.shape[1])]
+        return save_mosaic(path, rows, vmin=None, vmax=None, title=title + " (latents)")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.cfg["optim"]
+        return torch.optim.Adam(
+            self.unet.parameters(),
+            lr=float(o["lr"]),
+            betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),
+            weight_decay=float(o.get("weight_decay", 0.0)),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = stage_metadata(self.cfg, STAGE)
+        meta.update(
+            scale_factor=self.scale_factor,
+            latent_shape=self.latent_shape,
+            autoencoder_checkpoint=self.autoencoder_checkpoint,
+            ema_prefix=EMA_PREFIX,
+        )
+        checkpoint["ldae"] = meta
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def _validate(cfg: dict) -> None:
+    for section in SECTIONS:
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
+    if not get_dotted(cfg, "data.csv"):
+        raise ConfigError("config key 'data.csv' is not set: pass --data.csv RUN/latents/cohort_with_compressed_latent.csv")
+    decay = cfg["ema"].get("decay")
+    if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ConfigError(f"config key 'ema.decay' must be in [0, 1), got {decay!r}")
+    NoiseSchedule.from_config(cfg["diffusion"])
+    check_config(cfg["model"])
+
+
+def fit(cfg: dict, resume: bool = False) -> Path:
+    """Train stage 2 from a resolved config; return ``out/checkpoints/best.ckpt`` (lowest ``val/loss``)."""
+    from ldae.data.datamodule import LatentDataModule
+
+    cfg = copy.deepcopy(cfg)
+    _validate(cfg)
+    data = cfg["data"]
+    meta = read_latent_meta(data["csv"])
+    datamodule = LatentDataModule(
+        data["csv"],
+        latent_shape=meta["latent_shape"],
+        batch_size=int(data["batch_size"]),
+        eval_batch_size=data.get("eval_batch_size"),
+        num_workers=int(data.get("num_workers", 0)),
+        labels=data.get("labels", ("CN", "MCI", "AD")),
+        seed=int(cfg.get("seed", 0)),
+        test_fraction=float(data.get("test_fraction", 0.1)),
+        val_fraction=float(data.get("val_fraction", 0.01)),
+    )
+    for split in ("train", "val"):
+        if datamodule.rows(split).empty:
+            raise ConfigError(f"{data['csv']}: the '{split}' split is empty (check the CSV's split column "
+                              "or data.val_fraction)")
+    pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    module = LatentDiffusionModule(cfg, meta["scale_factor"], meta["latent_shape"], meta["autoencoder_checkpoint"])
+    out, resume_ckpt = prepare_run(cfg, resume)
+    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="min")
+    with warnings.catch_warnings():  # the EMA copy is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    best = out / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
+                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
+    return best
+
+
+@dataclass
+class LatentDiffusion:
+    """A trained latent DDPM for inference: EMA UNet (frozen, eval), schedule, latent scale."""
+
+    unet: LatentUNet
+    schedule: NoiseSchedule
+    scale_factor: float
+    latent_shape: tuple[int, ...]
+    autoencoder_checkpoint: str | None
+    cfg: dict
+    checkpoint: Path = field(default_factory=Path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """``n`` unconditional latents in the autoencoder's (unscaled) latent space, ``(n, C, D, H, W)``.
+        ``generator`` (CPU) draws the starting noise and the η noise."""
+        z_T = torch.randn((int(n), *self.latent_shape), generator=generator).to(self.device)
+        noise_gen = None
+        if eta > 0:
+            noise_gen = torch.Generator(device=self.device).manual_seed(
+                int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            )
+        z = ddim_sample(self.unet, z_T, self.schedule, steps, eta=eta, generator=noise_gen, progress=progress)
+        return z / self.scale_factor
+
+
+def load_latent_diffusion(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
+    """The EMA UNet of a stage-2 checkpoint (strict load, frozen, eval) with its schedule and scale
+    factor. CheckpointError for another stage's checkpoint or mismatching weights."""
+    ckpt = load_checkpoint(ckpt_path, stage=STAGE)
+    meta = ckpt["ldae"]
+    cfg, state = meta.get("config"), ckpt.get("state_dict")
+    if not isinstance(cfg, dict) or not isinstance(state, dict) or "scale_factor" not in meta:
+        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its config, state_dict or scale_factor")
+    unet = LatentUNet.from_config(cfg["model"])
+    prefix = meta.get("ema_prefix", EMA_PREFIX)
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    load_state_dict_strict(unet, weights, f"{ckpt_path} (EMA weights)")
+    freeze(unet.to(device))
+    return LatentDiffusion(
+        unet=unet,
+        schedule=NoiseSchedule.from_config(cfg["diffusion"]),
+        scale_factor=float(meta["scale_factor"]),
+        latent_shape=tuple(int(s) for s in meta["latent_shape"]),
+        autoencoder_checkpoint=meta.get("autoencoder_checkpoint"),
+        cfg=cfg,
+        checkpoint=Path(ckpt_path),
+    )
+
+
+def volume_affine(spacing: float | list[float], shape: list[int]) -> Any:
+    """RAS affine of a generated model-ready volume: ``spacing`` mm voxels, centred on the origin
+    (generated volumes have no source scan whose affine could be kept)."""
+    import numpy as np
+
+    sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    affine = np.diag([*sp, 1.0])
+    affine[:3, 3] = -0.5 * sp * (np.asarray(shape, dtype=np.float64) - 1.0)
+    return affine
