@@ -214,6 +214,7 @@ def trained(latent_cohort, tmp_path_factory) -> Path:
     return fit(cfg)
 
 
+@pytest.mark.slow
 def test_fit_writes_ema_checkpoint_with_scale_factor(trained, latent_cohort):
     out = trained.parent.parent
     assert trained == out / "checkpoints" / "best.ckpt" and (out / "checkpoints" / "last.ckpt").is_file()
@@ -238,12 +239,14 @@ def test_fit_writes_ema_checkpoint_with_scale_factor(trained, latent_cohort):
         load_latent_diffusion(latent_cohort.parent / "ae.ckpt")
 
 
+@pytest.mark.slow
 def test_resume_requires_flag(trained, latent_cohort):
     cfg = _diffusion_cfg(trained.parent.parent.parent, latent_cohort)
     with pytest.raises(ConfigError, match="--resume"):
         fit(cfg)
 
 
+@pytest.mark.slow
 def test_generate_writes_nifti_and_png(trained, tmp_path, capsys):
     run = trained.parent.parent
     args = ["generate", "--model", str(run), "--n", "2", "--steps", "3", "--seed", "7"]

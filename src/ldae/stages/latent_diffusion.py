@@ -226,9 +226,11 @@ def _validate(cfg: dict) -> None:
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train stage 2 from a resolved config; return ``out/checkpoints/best.ckpt`` (lowest ``val/loss``)."""
     from ldae.data.datamodule import LatentDataModule
+    from ldae.stages.autoencoder import resolve_precision
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
+    cfg["trainer"]["precision"] = resolve_precision(cfg["trainer"])  # bf16 -> 32-true on old GPUs
     data = cfg["data"]
     meta = read_latent_meta(data["csv"])
     datamodule = LatentDataModule(
