@@ -151,3 +151,33 @@ def test_summary_stratified() -> None:
     assert summary["nearest_visit"]["ssim"] == pytest.approx(s["ssim"] - 0.1)
     with pytest.raises(LDAEError, match="lacks"):
         summarize_triplet_scores(scores.drop(columns=["time_gap_months"]))
+
+
+def test_triplet_and_training_plots_write_png(tmp_path) -> None:
+    from ldae.evaluation.plots import plot_training_curves, plot_triplet_scores
+
+    tri = enumerate_triplets(_cohort())
+    tri["ssim"] = 0.9 - 0.001 * tri["time_gap_months"]
+    tri["mse"] = 0.01
+    summary = summarize_triplet_scores(tri.assign(method="ldae"))
+    summary |= summarize_triplet_scores(tri.assign(method="latent_lerp", ssim=tri["ssim"] - 0.05))
+    png = plot_triplet_scores(tmp_path / "triplets.png", summary, metric="ssim")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+
+    # a Lightning-style log: train and val metrics on separate rows (NaN elsewhere), a text column
+    log = pd.DataFrame(
+        {
+            "epoch": [0, 0, 1, 1],
+            "step": [9, 9, 19, 19],
+            "train/loss": [1.0, np.nan, 0.5, np.nan],
+            "val/ssim": [np.nan, 0.5, np.nan, 0.7],
+            "note": ["a", "b", "c", "d"],
+            "empty": [np.nan] * 4,
+        }
+    )
+    log.to_csv(tmp_path / "metrics.csv", index=False)
+    png = plot_training_curves(tmp_path / "curves.png", tmp_path / "metrics.csv")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    pd.DataFrame({"step": [1], "note": ["x"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(LDAEError, match="no numeric metric"):
+        plot_training_curves(tmp_path / "x.png", tmp_path / "bad.csv")

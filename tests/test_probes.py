@@ -156,3 +156,12 @@ def test_lda_projection_separates_classes() -> None:
     assert (means["CN"] < means["MCI"] < means["AD"]) or (means["CN"] > means["MCI"] > means["AD"])
     with pytest.raises(LDAEError, match="3 diagnosis classes"):
         lda_projection(X[dx != "MCI"], dx[dx != "MCI"])
+
+
+def test_lda_plot_writes_png(tmp_path) -> None:
+    from ldae.evaluation.plots import plot_lda
+
+    X, dx, split, age, subject, _ = _cohort()
+    path = plot_lda(tmp_path / "figs" / "lda.png", lda_projection(X, dx, split == "train"), dx, split)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert [p.name for p in path.parent.iterdir()] == ["lda.png"]  # no temporary file left behind
