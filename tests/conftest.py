@@ -25,3 +25,35 @@ def phantom_cohort(tmp_path: Path) -> Path:
     from ldae.data.phantom import write_phantom_cohort
 
     return write_phantom_cohort(tmp_path / "cohort", n_subjects=6, sessions=(0, 12), seed=0)
+
+
+TINY_RUN_OVERRIDES = [
+    "--autoencoder.trainer.max_epochs", "1",
+    "--diffusion.trainer.max_epochs", "1",
+    "--diffusion.validation.sample_every_n_epochs", "0",
+    "--representation.trainer.max_epochs", "1",
+    "--representation.trainer.check_val_every_n_epoch", "1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (briefly trained) tiny LDAE run on a 9-subject phantom cohort: stages 1-3 + latents.
+
+    Session-scoped: built once (about a minute on 2 idle cores) and shared by the API/evaluation tests.
+    ``LDAE_TEST_TINY_RUN=DIR`` reuses (or creates) a run folder across sessions while developing."""
+    from ldae.data.cohort import assign_splits, read_cohort, write_cohort
+    from ldae.data.phantom import write_phantom_cohort
+    from ldae.pipeline import run_pipeline
+
+    reuse = os.environ.get("LDAE_TEST_TINY_RUN")
+    root = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny_run")
+    if reuse and (root / "run" / "representation" / "done.json").is_file():
+        return root / "run"
+    csv = write_phantom_cohort(root / "cohort", n_subjects=9, sessions=(0, 12, 24), seed=0)
+    df = assign_splits(read_cohort(csv), test_fraction=0.25, val_fraction=0.2, seed=0)
+    write_cohort(df, csv)
+    run = root / "run"
+    run_pipeline("tiny", csv, run, overrides=TINY_RUN_OVERRIDES,
+                 steps=("autoencoder", "compress", "diffusion", "representation"))
+    return run

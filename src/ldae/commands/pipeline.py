@@ -1,0 +1,29 @@
+"""``ldae pipeline``: stage 1 -> compress -> stage 2 -> stage 3 -> evaluation, resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run all stages on a cohort (skips finished stages, resumes an interrupted one)"
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["paper", "small", "tiny"], default="tiny")
+    p.add_argument("--csv", required=True, help="cohort CSV")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--steps", nargs="+", default=None,
+                   help="subset of steps: autoencoder compress diffusion representation evaluation")
+    p.epilog = ("Overrides are prefixed by the step: --autoencoder.trainer.max_epochs 3, "
+                "--representation.optim.lr 1e-4, --compress.batch_size 4")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldae.io import write_json
+    from ldae.pipeline import PIPELINE_STEPS, run_pipeline
+
+    timings = run_pipeline(args.preset, args.csv, args.out, overrides=args.overrides,
+                           steps=args.steps or PIPELINE_STEPS)
+    write_json(f"{args.out}/timings.json", timings)
+    print("pipeline finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return 0

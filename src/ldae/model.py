@@ -1,0 +1,235 @@
+"""``LDAE``: the trained three-stage model for inference.
+
+    model = LDAE.load("runs/x")                 # finds autoencoder, diffusion and representation stages
+    x, affine = model.load_volume("scan.nii.gz")  # model-ready (1, 1, D, H, W)
+    y_sem, z_T = model.encode(x)                # semantic vector + conditional DDIM-inverted noise
+    recon = model.decode(y_sem, z_T)            # volumes in [0, 1]
+
+All volume inputs/outputs are ``(B, 1, D, H, W)`` tensors at the autoencoder's spacing and shape;
+latents are the autoencoder's posterior means multiplied by the stored scale factor. Per DDIM step the
+frozen UNet's encoder runs once and both decoders (ε_θ and G_ψ) reuse its features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldae.diffusion.ddim import ddim_invert, ddim_sample
+from ldae.diffusion.pdae import guided_eps_fn
+from ldae.errors import CheckpointError, LDAEError
+from ldae.evaluation.longitudinal import slerp
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+@dataclass
+class LDAE:
+    """A trained LDAE (all networks frozen, eval mode) with its inference operations."""
+
+    autoencoder: torch.nn.Module
+    unet: torch.nn.Module
+    encoder: torch.nn.Module
+    shift: torch.nn.Module
+    schedule: Any
+    scale_factor: float
+    spacing: Any
+    shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+    ysem_mean: Tensor | None = None
+    ysem_std: Tensor | None = None
+    steps: int = 50
+    run: Path | None = None
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, run: str | Path, device: str | torch.device = "cpu", steps: int | None = None) -> LDAE:
+        """Load a full run folder (``RUN/{autoencoder,diffusion,representation}``) or a representation
+        checkpoint; the diffusion and autoencoder checkpoints are found through the ones they name."""
+        from ldae.runs import find_checkpoint
+        from ldae.stages.autoencoder import load_autoencoder
+        from ldae.stages.latent_diffusion import load_latent_diffusion
+        from ldae.stages.representation import YSEM_STATS, load_representation
+
+        rep_ckpt = find_checkpoint(run, "representation")
+        encoder, shift = load_representation(rep_ckpt, device)
+        from ldae.stages.common import load_checkpoint
+
+        meta = load_checkpoint(rep_ckpt, stage="representation")["ldae"]
+        ldm_ckpt = _existing(meta.get("diffusion_checkpoint"), run, "diffusion")
+        ldm = load_latent_diffusion(ldm_ckpt, device)
+        ae_ckpt = _existing(ldm.autoencoder_checkpoint, run, "autoencoder")
+        autoencoder, ae_cfg = load_autoencoder(ae_ckpt, device)
+        stats_path = Path(rep_ckpt).parent / YSEM_STATS
+        mean = std = None
+        if stats_path.is_file():
+            stats = json.loads(stats_path.read_text())
+            mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device)
+            std = torch.tensor(stats["std"], dtype=torch.float32, device=device)
+        default_steps = int(meta["config"].get("validation", {}).get("ddim_steps", 50))
+        return cls(
+            autoencoder=autoencoder,
+            unet=ldm.unet,
+            encoder=encoder,
+            shift=shift,
+            schedule=ldm.schedule,
+            scale_factor=ldm.scale_factor,
+            spacing=ae_cfg["data"]["spacing"],
+            shape=tuple(int(s) for s in ae_cfg["data"]["shape"]),
+            latent_shape=tuple(ldm.latent_shape),
+            ysem_mean=mean,
+            ysem_std=std,
+            steps=int(steps or default_steps),
+            run=Path(run),
+            checkpoints={"autoencoder": str(ae_ckpt), "diffusion": str(ldm_ckpt), "representation": str(rep_ckpt)},
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def load_volume(self, path: str | Path) -> tuple[Tensor, np.ndarray]:
+        """A model-ready scan ``(1, 1, D, H, W)`` on the model's device and its output affine."""
+        from ldae.data.transforms import load_model_ready
+
+        vol = load_model_ready(path, self.spacing, self.shape)
+        affine = np.asarray(vol.affine, dtype=np.float64)
+        return vol.as_tensor()[None].to(self.device), affine
+
+    # ------------------------------------------------------------------ building blocks
+    def _check(self, x: Tensor) -> Tensor:
+        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(self.shape):
+            raise LDAEError(f"expected volumes of shape (B, 1, {', '.join(map(str, self.shape))}), "
+                            f"got {tuple(x.shape)}")
+        return x.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def compress(self, x: Tensor) -> Tensor:
+        """Scaled latents (posterior means × scale factor) of volumes ``x``."""
+        z_mu, _ = self.autoencoder.encode(self._check(x))
+        return z_mu * self.scale_factor
+
+    @torch.no_grad()
+    def decompress(self, z: Tensor) -> Tensor:
+        """Volumes in [0, 1] from scaled latents."""
+        return self.autoencoder.decode(z / self.scale_factor).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def semantic(self, x: Tensor) -> Tensor:
+        """y_sem of volumes ``x`` ``(B, emb_dim)``."""
+        return self.encoder(self._check(x))
+
+    def _steps(self, steps: int | None) -> int:
+        return int(steps or self.steps)
+
+    # ------------------------------------------------------------------ LDAE operations
+    @torch.no_grad()
+    def encode(self, x: Tensor, steps: int | None = None, semantic: bool = True) -> tuple[Tensor | None, Tensor]:
+        """``(y_sem, z_T)``: the semantic vector and the conditional DDIM inversion of the latent.
+        ``semantic=False`` inverts with the unconditional model (LDDIM) and returns ``(None, z_T)``."""
+        z0 = self.compress(x)
+        y = self.semantic(x) if semantic else None
+        eps_fn = guided_eps_fn(self.unet, self.shift if semantic else None, self.schedule, y)
+        return y, ddim_invert(eps_fn, z0, self.schedule, self._steps(steps))
+
+    @torch.no_grad()
+    def decode_latent(self, y_sem: Tensor | None, z_T: Tensor, steps: int | None = None, eta: float = 0.0,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """Scaled clean latents by conditional DDIM sampling from ``z_T`` (unconditional when ``y_sem`` is None)."""
+        eps_fn = guided_eps_fn(self.unet, self.shift if y_sem is not None else None, self.schedule, y_sem)
+        return ddim_sample(eps_fn, z_T.to(self.device), self.schedule, self._steps(steps), eta=eta, generator=generator)
+
+    @torch.no_grad()
+    def decode(self, y_sem: Tensor | None, z_T: Tensor, steps: int | None = None, eta: float = 0.0) -> Tensor:
+        """Volumes in [0, 1] decoded from ``(y_sem, z_T)``."""
+        return self.decompress(self.decode_latent(y_sem, z_T, steps, eta))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, steps: int | None = None) -> Tensor:
+        """Encode then decode (LDAE reconstruction)."""
+        y, z_T = self.encode(x, steps)
+        return self.decode(y, z_T, steps)
+
+    def _noise(self, like_batch: int, generator: torch.Generator | None) -> Tensor:
+        shape = (like_batch, *self.latent_shape)
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    @torch.no_grad()
+    def semantic_only(self, x: Tensor, steps: int | None = None, seed: int = 0) -> Tensor:
+        """Decode y_sem of ``x`` from random z_T (what the semantic vector alone determines)."""
+        y = self.semantic(x)
+        gen = torch.Generator().manual_seed(int(seed))
+        return self.decode(y, self._noise(x.shape[0], gen), steps)
+
+    @torch.no_grad()
+    def variations(self, x: Tensor, n: int, steps: int | None = None, seed: int = 0) -> Tensor:
+        """``n`` stochastic variations per input: fixed y_sem, new z_T. Returns ``(n, B, 1, D, H, W)``."""
+        y = self.semantic(x)
+        gen = torch.Generator().manual_seed(int(seed))
+        return torch.stack([self.decode(y, self._noise(x.shape[0], gen), steps) for _ in range(int(n))])
+
+    @torch.no_grad()
+    def interpolate(self, x1: Tensor, x2: Tensor, ts: Sequence[float], steps: int | None = None) -> Tensor:
+        """Volumes between ``x1`` (t=0) and ``x2`` (t=1): LERP of y_sem, SLERP of z_T per sample.
+        Returns ``(len(ts), B, 1, D, H, W)``; at t=0/1 these are the LDAE reconstructions of the inputs."""
+        y1, z1 = self.encode(x1, steps)
+        y2, z2 = self.encode(x2, steps)
+        outs = []
+        for t in ts:
+            t = float(t)
+            outs.append(self.decode(torch.lerp(y1, y2, t), slerp(z1, z2, t), steps))
+        return torch.stack(outs)
+
+    def _direction(self, direction: Tensor | np.ndarray | Sequence[float]) -> Tensor:
+        d = torch.as_tensor(np.asarray(direction, dtype=np.float32), device=self.device).reshape(-1)
+        if d.numel() != self.encoder.emb_dim:
+            raise LDAEError(f"direction has {d.numel()} entries, y_sem has {self.encoder.emb_dim}")
+        norm = d.norm()
+        if float(norm) == 0.0:
+            raise LDAEError("direction is the zero vector")
+        return d / norm
+
+    @torch.no_grad()
+    def manipulate(self, x: Tensor, direction: Tensor | np.ndarray | Sequence[float], alphas: Sequence[float],
+                   steps: int | None = None) -> Tensor:
+        """Move y_sem along a unit ``direction`` (in the space of y_sem normalised by the training-set
+        mean/std) by each α, keep z_T; returns ``(len(alphas), B, 1, D, H, W)``."""
+        if self.ysem_mean is None or self.ysem_std is None:
+            raise CheckpointError("this run has no y_sem statistics (ysem_stats.json beside the representation "
+                                  "checkpoint): rerun stage 3 or its post-training step")
+        d = self._direction(direction)
+        y, z_T = self.encode(x, steps)
+        y_norm = (y - self.ysem_mean) / self.ysem_std
+        outs = [self.decode((y_norm + float(a) * d) * self.ysem_std + self.ysem_mean, z_T, steps) for a in alphas]
+        return torch.stack(outs)
+
+    @torch.no_grad()
+    def generate(self, n: int, steps: int | None = None, seed: int = 0, y_sem: Tensor | None = None) -> Tensor:
+        """``n`` volumes from random z_T: unconditional (the latent DDPM) or, with ``y_sem`` ``(1|n, d)``,
+        conditioned on it."""
+        gen = torch.Generator().manual_seed(int(seed))
+        z_T = self._noise(int(n), gen)
+        if y_sem is not None:
+            y_sem = y_sem.to(self.device).expand(int(n), -1)
+        return self.decode(y_sem, z_T, steps)
+
+
+def _existing(path: str | None, run: str | Path, stage: str) -> Path:
+    """A checkpoint named inside another checkpoint, or the run folder's own when that path moved."""
+    from ldae.runs import find_checkpoint
+
+    if path and Path(path).is_file():
+        return Path(path)
+    try:
+        return find_checkpoint(Path(run).parent if Path(run).is_file() else run, stage)
+    except CheckpointError:
+        raise CheckpointError(f"{stage} checkpoint {path!r} (named by the next stage) not found, and none in {run}") from None

@@ -1,0 +1,261 @@
+"""Stage 3: representation learning (PDAE-style) on a frozen latent DDPM.
+
+The semantic encoder (2.5D, on the model-ready volume) and the gradient estimator G_ψ (a shift decoder
+on the frozen UNet's encoder features) are trained jointly with the SNR-weighted PDAE loss
+(:func:`ldae.diffusion.pdae.pdae_loss`). The frozen UNet is held outside the module's children: it is
+neither saved again in this stage's checkpoints (they reference the diffusion checkpoint) nor ever
+switched to training mode by the trainer.
+
+Validation: the weighted loss of the EMA models; SSIM of *semantic-only* reconstructions (y_sem of the
+scan, random z_T) and of *encoded* reconstructions (z_T by conditional DDIM inversion), both against
+the autoencoder's reconstruction of the scan — the semantic-only SSIM selects the best checkpoint.
+After training, the mean/std of y_sem over the training split are stored beside the checkpoints
+(``ysem_stats.json``) for manipulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ldae.config import get_dotted
+from ldae.diffusion.ddim import ddim_invert, ddim_sample
+from ldae.diffusion.pdae import guided_eps_fn, pdae_loss
+from ldae.errors import CheckpointError, ConfigError
+from ldae.io import write_json
+from ldae.nets.semantic_encoder import build_semantic_encoder
+from ldae.stages.common import (
+    load_checkpoint,
+    load_state_dict_strict,
+    make_trainer,
+    prepare_run,
+    stage_metadata,
+)
+from ldae.stages.ema import EMA, freeze
+
+log = logging.getLogger(__name__)
+
+STAGE = "representation"
+MONITOR = "val/ssim_semantic"
+SECTIONS = ("data", "model", "loss", "ema", "optim", "validation", "trainer")
+YSEM_STATS = "ysem_stats.json"
+
+
+class RepresentationModule(pl.LightningModule):
+    """Semantic encoder + gradient estimator trained on a frozen latent DDPM."""
+
+    def __init__(self, cfg: dict, diffusion_checkpoint: str) -> None:
+        super().__init__()
+        from ldae.stages.latent_diffusion import load_latent_diffusion
+
+        self.cfg = cfg
+        self.diffusion_checkpoint = str(diffusion_checkpoint)
+        ldm = load_latent_diffusion(diffusion_checkpoint)
+        self._ldm = [ldm]  # a list: kept out of children/state_dict, never put in train mode
+        self.schedule = ldm.schedule
+        self.scale_factor = ldm.scale_factor
+        self.latent_shape = list(ldm.latent_shape)
+        self.autoencoder_checkpoint = ldm.autoencoder_checkpoint
+        self.encoder = build_semantic_encoder(cfg["model"]["semantic_encoder"])
+        self.shift = ldm.unet.make_shift_decoder(self.encoder.emb_dim)
+        decay, warmup = float(cfg["ema"]["decay"]), bool(cfg["ema"].get("warmup", False))
+        self.ema_encoder = EMA(self.encoder, decay, warmup)
+        self.ema_shift = EMA(self.shift, decay, warmup)
+        self.gamma = float(cfg["loss"]["gamma"])
+        self.out = Path(cfg["out"])
+        self._autoencoder: list = []
+        self._val: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self._ldm[0].unet
+
+    def on_fit_start(self) -> None:
+        self.unet.to(self.device)
+        freeze(self.unet)
+
+    def on_validation_start(self) -> None:
+        self.unet.to(self.device)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        z0 = batch["latent"] * self.scale_factor
+        y = self.encoder(batch["image"])
+        loss = pdae_loss(self.unet, self.shift, self.schedule, z0, y, self.gamma)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0])
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema_encoder.update(self.encoder)
+        self.ema_shift.update(self.shift)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.cfg["optim"]
+        params = list(self.encoder.parameters()) + list(self.shift.parameters())
+        return torch.optim.Adam(params, lr=float(o["lr"]), betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),
+                                weight_decay=float(o.get("weight_decay", 0.0)))
+
+    # ---------------------------------------------------------------- validation
+    def autoencoder(self) -> torch.nn.Module:
+        if not self._autoencoder:
+            from ldae.stages.autoencoder import load_autoencoder
+
+            if not self.autoencoder_checkpoint or not Path(self.autoencoder_checkpoint).is_file():
+                raise CheckpointError(
+                    f"autoencoder checkpoint {self.autoencoder_checkpoint!r} (named by the diffusion checkpoint) "
+                    "not found: stage-3 validation decodes through it"
+                )
+            self._autoencoder.append(load_autoencoder(self.autoencoder_checkpoint, self.device)[0])
+        return self._autoencoder[0]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"loss": [], "ssim_semantic": [], "ssim_encoded": []}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from ldae.evaluation.metrics import ssim3d
+
+        z0 = batch["latent"] * self.scale_factor
+        x = batch["image"]
+        seed = int(self.cfg.get("seed", 0)) * 1000 + batch_idx
+        y = self.ema_encoder.module(x)
+        gen = torch.Generator().manual_seed(seed)
+        self._val["loss"].append(
+            pdae_loss(self.unet, self.ema_shift.module, self.schedule, z0, y, self.gamma, gen).reshape(1)
+        )
+        steps = int(self.cfg["validation"]["ddim_steps"])
+        eps_fn = guided_eps_fn(self.unet, self.ema_shift.module, self.schedule, y)
+        z_T = torch.randn(z0.shape, generator=gen).to(z0)
+        semantic = ddim_sample(eps_fn, z_T, self.schedule, steps)
+        encoded = ddim_sample(eps_fn, ddim_invert(eps_fn, z0, self.schedule, steps), self.schedule, steps)
+        ae = self.autoencoder()
+        target = ae.decode(z0 / self.scale_factor).clamp(0, 1)
+        vol_sem = ae.decode(semantic / self.scale_factor).clamp(0, 1)
+        vol_enc = ae.decode(encoded / self.scale_factor).clamp(0, 1)
+        self._val["ssim_semantic"].append(ssim3d(vol_sem, target))
+        self._val["ssim_encoded"].append(ssim3d(vol_enc, target))
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            from ldae.viz import save_mosaic
+
+            rows = [("input", x[0]), ("autoencoder", target[0]), ("LDAE semantic-only", vol_sem[0]),
+                    ("LDAE encoded", vol_enc[0]), ("|encoded - AE|", (vol_enc[0] - target[0]).abs())]
+            save_mosaic(self.out / "figures" / f"recon_epoch{self.current_epoch:03d}.png", rows,
+                        title=f"epoch {self.current_epoch}: {steps} DDIM steps")
+
+    def on_validation_epoch_end(self) -> None:
+        for key, values in self._val.items():
+            if values:
+                value = torch.cat([v.reshape(-1).float().cpu() for v in values]).mean()
+                self.log(f"val/{key}", value, prog_bar=key == "ssim_semantic", sync_dist=True)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = stage_metadata(self.cfg, STAGE)
+        meta.update(
+            diffusion_checkpoint=self.diffusion_checkpoint,
+            autoencoder_checkpoint=self.autoencoder_checkpoint,
+            scale_factor=self.scale_factor,
+            latent_shape=self.latent_shape,
+            emb_dim=self.encoder.emb_dim,
+            unet_config=dict(self.unet.config),
+        )
+        checkpoint["ldae"] = meta
+
+
+def _validate(cfg: dict) -> None:
+    for section in SECTIONS:
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
+    if not get_dotted(cfg, "data.csv"):
+        raise ConfigError("config key 'data.csv' is not set: pass --data.csv RUN/latents/cohort_with_compressed_latent.csv")
+    if not cfg.get("diffusion_checkpoint"):
+        raise ConfigError("config key 'diffusion_checkpoint' is not set: pass --diffusion_checkpoint RUN/diffusion/checkpoints/best.ckpt")
+    if not isinstance(get_dotted(cfg, "model.semantic_encoder"), dict):
+        raise ConfigError("config section 'model.semantic_encoder' is missing")
+
+
+def _image_geometry(autoencoder_checkpoint: str | None) -> tuple[Any, list[int]]:
+    """Spacing and shape of the volumes the autoencoder was trained on (the encoder sees the same)."""
+    ckpt = load_checkpoint(autoencoder_checkpoint, stage="autoencoder") if autoencoder_checkpoint else None
+    if ckpt is None:
+        raise CheckpointError("the diffusion checkpoint names no autoencoder checkpoint")
+    data = ckpt["ldae"]["config"]["data"]
+    return data["spacing"], [int(s) for s in data["shape"]]
+
+
+def fit(cfg: dict, resume: bool = False) -> Path:
+    """Train stage 3; return ``out/checkpoints/best.ckpt`` (highest semantic-only validation SSIM)."""
+    from ldae.data.datamodule import ImageLatentDataModule
+    from ldae.stages.latent_diffusion import read_latent_meta
+
+    cfg = copy.deepcopy(cfg)
+    _validate(cfg)
+    data = cfg["data"]
+    meta = read_latent_meta(data["csv"])
+    pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    module = RepresentationModule(cfg, cfg["diffusion_checkpoint"])
+    spacing, shape = _image_geometry(module.autoencoder_checkpoint)
+    n_slices = int(cfg["model"]["semantic_encoder"]["num_slices"])
+    if n_slices != shape[-1]:
+        raise ConfigError(f"model.semantic_encoder.num_slices is {n_slices} but the volumes have {shape[-1]} "
+                          f"axial slices (shape {shape})")
+    datamodule = ImageLatentDataModule(
+        data["csv"], spacing=spacing, shape=shape, latent_shape=meta["latent_shape"],
+        cache=bool(data.get("cache", True)), batch_size=int(data["batch_size"]),
+        eval_batch_size=data.get("eval_batch_size"), num_workers=int(data.get("num_workers", 0)),
+        labels=data.get("labels", ("CN", "MCI", "AD")), seed=int(cfg.get("seed", 0)),
+        test_fraction=float(data.get("test_fraction", 0.1)), val_fraction=float(data.get("val_fraction", 0.01)),
+    )
+    for split in ("train", "val"):
+        if datamodule.rows(split).empty:
+            raise ConfigError(f"{data['csv']}: the '{split}' split is empty")
+    out, resume_ckpt = prepare_run(cfg, resume)
+    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="max")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    best = out / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written")
+    if trainer.is_global_zero:
+        save_ysem_stats(best, datamodule, out / "checkpoints" / YSEM_STATS)
+    return best
+
+
+@torch.no_grad()
+def save_ysem_stats(best: Path, datamodule: Any, path: Path) -> Path:
+    """Mean and std of the (EMA) encoder's y_sem over the training split, for manipulation."""
+    encoder, _ = load_representation(best)
+    ys = []
+    for batch in datamodule.loader("train", False, datamodule.eval_batch_size):
+        ys.append(encoder(batch["image"]))
+    y = torch.cat(ys).double()
+    std = y.std(dim=0, unbiased=False).clamp_min(1e-8) if len(y) > 1 else torch.ones(y.shape[1], dtype=y.dtype)
+    return write_json(path, {"mean": y.mean(dim=0).tolist(), "std": std.tolist(), "n": int(len(y)),
+                             "checkpoint": str(best)})
+
+
+def load_representation(ckpt_path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    """``(semantic encoder, shift decoder)`` of a stage-3 checkpoint (EMA weights by default), strict load,
+    frozen and in eval mode. Returns modules only; the frozen UNet comes from the diffusion checkpoint
+    named in ``checkpoint['ldae']['diffusion_checkpoint']``."""
+    from ldae.nets.unet import ShiftDecoder
+
+    ckpt = load_checkpoint(ckpt_path, stage=STAGE)
+    meta, state = ckpt["ldae"], ckpt.get("state_dict")
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its config or state_dict")
+    encoder = build_semantic_encoder(cfg["model"]["semantic_encoder"], load_pretrained=False)
+    shift = ShiftDecoder(dict(meta["unet_config"]), int(meta["emb_dim"]))
+    enc_prefix, shift_prefix = ("ema_encoder.module.", "ema_shift.module.") if ema else ("encoder.", "shift.")
+    load_state_dict_strict(encoder, {k[len(enc_prefix):]: v for k, v in state.items() if k.startswith(enc_prefix)},
+                           f"{ckpt_path} (semantic encoder)")
+    load_state_dict_strict(shift, {k[len(shift_prefix):]: v for k, v in state.items() if k.startswith(shift_prefix)},
+                           f"{ckpt_path} (gradient estimator)")
+    return freeze(encoder.to(device)), freeze(shift.to(device))
+

@@ -1,0 +1,101 @@
+"""Stage 3 and the LDAE model API on a briefly trained tiny run (tests/conftest.py::tiny_run)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ldae.errors import CheckpointError, LDAEError
+from ldae.model import LDAE
+from ldae.runs import COMPRESSED_CSV, stage_dir
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run: Path) -> LDAE:
+    return LDAE.load(tiny_run, steps=20)
+
+
+@pytest.fixture(scope="module")
+def scans(tiny_run: Path, model: LDAE) -> torch.Tensor:
+    df = pd.read_csv(stage_dir(tiny_run, "latents") / COMPRESSED_CSV)
+    paths = [stage_dir(tiny_run, "latents") / p for p in df["path"].iloc[:2]]
+    return torch.cat([model.load_volume(p)[0] for p in paths])
+
+
+def test_run_layout_and_checkpoint_contents(tiny_run: Path):
+    rep = stage_dir(tiny_run, "representation")
+    assert (rep / "checkpoints" / "best.ckpt").is_file() and (rep / "checkpoints" / "ysem_stats.json").is_file()
+    assert (rep / "config.yaml").is_file()
+    assert list((rep / "figures").glob("recon_epoch*.png"))
+    ckpt = torch.load(rep / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    # the frozen UNet is referenced, not copied, into the stage-3 checkpoint
+    assert not any(k.startswith("unet.") or "_ldm" in k for k in ckpt["state_dict"])
+    assert ckpt["ldae"]["stage"] == "representation" and Path(ckpt["ldae"]["diffusion_checkpoint"]).is_file()
+    metrics = pd.read_csv(rep / "logs" / "metrics.csv")
+    assert {"val/ssim_semantic", "val/ssim_encoded", "val/loss"} <= set(metrics.columns)
+
+
+def test_frozen_unet_stays_in_eval_mode(tiny_run: Path):
+    from ldae.config import load_preset
+    from ldae.runs import find_checkpoint
+    from ldae.stages.representation import RepresentationModule
+
+    cfg = load_preset("tiny", "representation")
+    cfg["out"] = str(tiny_run / "scratch")
+    module = RepresentationModule(cfg, str(find_checkpoint(tiny_run, "diffusion")))
+    module.train()
+    assert module.encoder.training and module.shift.training
+    assert not module.unet.training
+    assert not any(m.training for m in module.unet.modules())
+    assert all(not p.requires_grad for p in module.unet.parameters())
+    assert not module.ema_encoder.module.training
+
+
+def test_encode_decode_roundtrip_recovers_latent(model: LDAE, scans: torch.Tensor):
+    z0 = model.compress(scans)
+    y, z_T = model.encode(scans, steps=50)
+    assert y.shape == (2, model.encoder.emb_dim) and z_T.shape == z0.shape
+    z_rec = model.decode_latent(y, z_T, steps=50)
+    rel = float((z_rec - z0).pow(2).mean().sqrt() / z0.std())
+    assert rel < 0.2, rel
+    assert torch.isfinite(z_T).all()
+
+
+def test_interpolate_endpoints_are_reconstructions(model: LDAE, scans: torch.Tensor):
+    x1, x2 = scans[:1], scans[1:2]
+    out = model.interpolate(x1, x2, [0.0, 0.5, 1.0], steps=10)
+    assert out.shape == (3, 1, 1, *model.shape)
+    torch.testing.assert_close(out[0], model.reconstruct(x1, steps=10))
+    torch.testing.assert_close(out[2], model.reconstruct(x2, steps=10))
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+def test_variations_and_manipulation(model: LDAE, scans: torch.Tensor):
+    v = model.variations(scans[:1], n=2, steps=10, seed=1)
+    assert v.shape == (2, 1, 1, *model.shape)
+    assert float((v[0] - v[1]).abs().max()) > 0  # new noise, new sample
+    d = torch.randn(model.encoder.emb_dim)
+    m = model.manipulate(scans[:1], d, [0.0, 3.0], steps=10)
+    torch.testing.assert_close(m[0], model.reconstruct(scans[:1], steps=10), atol=1e-4, rtol=1e-4)
+    with pytest.raises(LDAEError, match="direction has"):
+        model.manipulate(scans[:1], torch.ones(3), [1.0])
+    with pytest.raises(LDAEError, match="expected volumes of shape"):
+        model.encode(torch.zeros(1, 1, 8, 8, 8))
+
+
+def test_generate_and_semantic_only(model: LDAE, scans: torch.Tensor):
+    g = model.generate(2, steps=5, seed=0)
+    assert g.shape == (2, 1, *model.shape)
+    s = model.semantic_only(scans[:1], steps=5)
+    assert s.shape == (1, 1, *model.shape)
+
+
+def test_load_errors(tmp_path: Path, tiny_run: Path):
+    with pytest.raises(CheckpointError, match="no representation checkpoint"):
+        LDAE.load(tmp_path)
+    from ldae.runs import find_checkpoint
+    from ldae.stages.representation import load_representation
+
+    with pytest.raises(CheckpointError, match="expected stage 'representation'"):
+        load_representation(find_checkpoint(tiny_run, "diffusion"))
