@@ -22,9 +22,16 @@ from ldae.errors import LDAEError
 COMMANDS: dict[str, str] = {
     "check": "ldae.commands.check",
     "synth": "ldae.commands.synth",
+    "preprocess": "ldae.commands.preprocess",
     "fit": "ldae.commands.fit",
-    "generate": "ldae.commands.generate",
     "compress": "ldae.commands.compress",
+    "generate": "ldae.commands.generate",
+    "pipeline": "ldae.commands.pipeline",
+    "encode": "ldae.commands.encode",
+    "reconstruct": "ldae.commands.reconstruct",
+    "variations": "ldae.commands.variations",
+    "interpolate": "ldae.commands.interpolate",
+    "manipulate": "ldae.commands.manipulate",
     "demo": "ldae.commands.demo",
 }
 
