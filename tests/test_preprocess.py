@@ -279,6 +279,10 @@ def test_plan_outputs_file_or_folder(tmp_path: Path) -> None:
         pp.plan_outputs(two, tmp_path / "ready.nii.gz")
     with pytest.raises(CohortError, match="would both write"):
         pp.plan_outputs(two, tmp_path / "out")
+    with pytest.raises(CohortError, match="would overwrite the input"):
+        pp.plan_outputs(one, tmp_path / "a")
+    with pytest.raises(CohortError, match="would overwrite the input"):
+        pp.plan_outputs(one, tmp_path / "a" / "x_T1w.nii.gz")
 
 
 # ------------------------------------------------------------------------------------------ real registration

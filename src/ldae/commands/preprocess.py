@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     pp.require_ants()
     scans = pp.discover_inputs(args.inputs)
     outputs = pp.plan_outputs(scans, args.out)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # one unbroken line per message (greppable logs)
     console.print(f"preprocessing {len(scans)} scan(s) -> {args.out} with {args.workers} worker(s)")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

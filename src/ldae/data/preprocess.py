@@ -644,10 +644,14 @@ def plan_outputs(scans: Sequence[ScanInput], out: str | Path) -> list[Path]:
     if out.name.endswith(NIFTI_SUFFIXES):
         if len(scans) != 1:
             raise CohortError(f"-o {out}: a file name needs exactly one input scan, got {len(scans)} (give a folder)")
+        if out.resolve() == scans[0].path.resolve():
+            raise CohortError(f"-o {out}: would overwrite the input scan; choose another output")
         return [out]
     outputs = [out / f"{scan.stem}.nii.gz" for scan in scans]
     seen: dict[Path, Path] = {}
     for scan, output in zip(scans, outputs):
+        if output.resolve() == scan.path.resolve():
+            raise CohortError(f"-o {out}: would overwrite the input {scan.path}; choose another output")
         if output in seen:
             raise CohortError(f"inputs {seen[output]} and {scan.path} would both write {output}; rename one")
         seen[output] = scan.path
