@@ -38,7 +38,7 @@ TINY_RUN_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (briefly trained) tiny LDAE run on a 9-subject phantom cohort: stages 1-3 + latents.
+    """A real (briefly trained) tiny LDAE run on a 15-subject phantom cohort: stages 1-3 + latents.
 
     Session-scoped: built once (about a minute on 2 idle cores) and shared by the API/evaluation tests.
     ``LDAE_TEST_TINY_RUN=DIR`` reuses (or creates) a run folder across sessions while developing."""
@@ -50,8 +50,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny_run")
     if reuse and (root / "run" / "representation" / "done.json").is_file():
         return root / "run"
-    csv = write_phantom_cohort(root / "cohort", n_subjects=9, sessions=(0, 12, 24), seed=0)
-    df = assign_splits(read_cohort(csv), test_fraction=0.25, val_fraction=0.2, seed=0)
+    csv = write_phantom_cohort(root / "cohort", n_subjects=15, sessions=(0, 12, 24), seed=0)
+    df = assign_splits(read_cohort(csv), test_fraction=0.2, val_fraction=0.17, seed=0)
     write_cohort(df, csv)
     run = root / "run"
     run_pipeline("tiny", csv, run, overrides=TINY_RUN_OVERRIDES,

@@ -59,7 +59,6 @@ def run_pipeline(
     out: str | Path,
     overrides: Sequence[str] = (),
     steps: Sequence[str] = PIPELINE_STEPS,
-    evaluate_kwargs: dict | None = None,
     on_step: Callable[[str, str], None] | None = None,
 ) -> dict[str, float]:
     """Run (or resume) the pipeline; return seconds spent per step in this call (0 for skipped ones)."""
@@ -107,8 +106,8 @@ def run_pipeline(
         elif step == "evaluation":
             from ldae.evaluation.run import evaluate
 
-            kwargs = {**dict(per_step.get("evaluation", [])), **(evaluate_kwargs or {})}
-            info["metrics"] = str(evaluate(out, latents_csv, folder, **kwargs))
+            cfg = load_preset(preset, "evaluation")
+            info["metrics"] = str(evaluate(out, latents_csv, folder, cfg=cfg, overrides=per_step.get("evaluation", [])))
         seconds = time.perf_counter() - start
         info["seconds"] = seconds
         _mark_done(folder, info)

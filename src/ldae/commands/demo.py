@@ -1,41 +1,28 @@
-"""``ldae demo``: the main job that ``make demo`` runs.
-
-Until the full pipeline lands this runs the data layer end to end on a small generated cohort:
-write volumes, validate the cohort, split by subject, and load model-ready batches.
-"""
+"""``ldae demo``: what ``make demo`` runs — the bundled cohort through the whole method, with a report."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "run the whole method on the bundled cohort and write a report (placeholder: data layer)"
+HELP = "run the whole method on the bundled cohort (tiny preset) and write report.html + metrics.json"
+ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="output folder (rerun to resume)")
+    p.add_argument("--seed", type=int, default=None, help="cohort and training seed (default 0)")
+    p.add_argument("--subjects", type=int, default=None, help="cohort size (default: configs/demo.yaml)")
+    p.epilog = "Pipeline overrides pass through, e.g. --representation.trainer.max_epochs 10"
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import json
 
-    from ldae.data.cohort import summarize
-    from ldae.data.datamodule import VolumeDataModule
-    from ldae.data.phantom import write_phantom_cohort
-    from ldae.io import write_json
+    from ldae.demo import run_demo
 
-    out = Path(args.out)
-    csv = write_phantom_cohort(out / "cohort", n_subjects=9, seed=args.seed)
-    dm = VolumeDataModule(csv, spacing=6.0, shape=(32, 40, 32), batch_size=2, seed=args.seed,
-                          test_fraction=0.2, val_fraction=0.15)
-    dm.setup()
-    batch = next(iter(dm.train_dataloader()))
-    image = batch["image"]
-    summary = summarize(dm.load_cohort())
-    summary["batch_shape"] = list(image.shape)
-    summary["batch_range"] = [float(image.min()), float(image.max())]
-    write_json(out / "metrics.json", {"cohort": summary})
-    print(f"demo (data layer): {summary['subjects']} subjects, {summary['scans']} scans, "
-          f"split {summary['split_subjects']}, batch {tuple(image.shape)} in "
-          f"[{summary['batch_range'][0]:.2f}, {summary['batch_range'][1]:.2f}] -> {out / 'metrics.json'}")
+    report = run_demo(args.out, seed=args.seed, subjects=args.subjects, overrides=list(args.overrides))
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    for aim in metrics.get("aims", []):
+        print(f"[{'met' if aim['met'] else 'NOT met'}] {aim['aim']}: {aim['value']:.3f}")
+    print(f"total {metrics['timings_s']['total'] / 60:.1f} min; report: {report}")
     return 0

@@ -1,0 +1,197 @@
+"""Self-contained HTML report of a run (figures embedded as base64 PNG): cohort, training curves,
+reconstructions and the recon table, variations, interpolation, missing-timepoint prediction,
+manipulation, probes, timings. Reads only files the pipeline and ``ldae evaluate`` wrote."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from ldae.io import write_text
+from ldae.runs import stage_dir
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+line-height:1.45;padding:0 1em}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.9em;color:#555}
+.kpi{display:flex;gap:1em;flex-wrap:wrap} .kpi div{background:#f6f8fa;border:1px solid #ddd;border-radius:6px;padding:.6em 1em}
+.kpi b{display:block;font-size:1.5em} .muted{color:#777;font-size:.9em} .ok{color:#1a7f37} .bad{color:#cf222e}
+"""
+
+
+def _img(path: Path, caption: str) -> str:
+    if not path.is_file():
+        return f'<p class="muted">({html.escape(caption)}: figure not available)</p>'
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]], digits: int = 3) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c, digits)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _latest(folder: Path, pattern: str) -> Path:
+    files = sorted(folder.glob(pattern))
+    return files[-1] if files else folder / "missing.png"
+
+
+def training_curves(run: Path, out: Path) -> list[tuple[Path, str]]:
+    """One PNG of logged metrics per trained stage (from Lightning's metrics.csv)."""
+    from ldae.evaluation.plots import plot_training_curves
+
+    figs = []
+    for stage in ("autoencoder", "diffusion", "representation"):
+        csv = stage_dir(run, stage) / "logs" / "metrics.csv"
+        if csv.is_file():
+            figs.append((plot_training_curves(out / f"curves_{stage}.png", csv, title=stage), f"{stage}: training curves"))
+    return figs
+
+
+def _probe_rows(probe: dict) -> list[list[Any]]:
+    rows = []
+    for name in ("learned", "untrained", "oracle"):
+        if name in probe:
+            ad, age = probe[name]["ad_vs_cn"], probe[name]["age"]
+            rows.append([name, ad["auc"], ad["accuracy"], ad["precision"], ad["recall"], ad["f1"], ad["mcc"],
+                         age["mae"], age["rmse"]])
+    return rows
+
+
+def _recon_rows(recon: dict) -> list[list[Any]]:
+    rows = []
+    ae = recon.get("autoencoder")
+    if ae:
+        rows.append(["AutoencoderKL", "—", ae["ssim"], ae["mse"], ae["psnr"], ae["lpips"], ae["seconds_per_scan"]])
+    names = {"lddim_encoded": "LDDIM encoded", "ldae_encoded": "LDAE encoded", "ldae_semantic": "LDAE semantic-only"}
+    for key, label in names.items():
+        for steps, m in recon.get(key, {}).items():
+            rows.append([label, steps, m["ssim"], m["mse"], m["psnr"], m["lpips"], m["seconds_per_scan"]])
+    return rows
+
+
+def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_summary: dict | None = None,
+                 title: str = "LDAE run report") -> Path:
+    """Write ``out_html`` for a run folder whose evaluation is done; ``metrics`` = the merged metrics."""
+    run, out_html = Path(run), Path(out_html)
+    ev = stage_dir(run, "evaluation")
+    fig_dir = out_html.parent / "report_figures"
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="muted">run folder: {html.escape(str(run.resolve()))}</p>']
+    probe = metrics.get("probe", {})
+    learned = probe.get("learned", {})
+    recon = metrics.get("reconstruction", {})
+    kpis = []
+    if learned:
+        kpis.append(("AD vs CN ROC-AUC (learned y_sem)", learned["ad_vs_cn"]["auc"]))
+        for ctrl in ("untrained", "oracle"):
+            if ctrl in probe:
+                kpis.append((f"… {ctrl} control", probe[ctrl]["ad_vs_cn"]["auc"]))
+        kpis.append(("age MAE (years)", learned["age"]["mae"]))
+    if recon.get("autoencoder"):
+        kpis.append(("AutoencoderKL SSIM", recon["autoencoder"]["ssim"]))
+        enc = recon.get("ldae_encoded", {})
+        if enc:
+            best = max(enc, key=lambda k: int(k))
+            kpis.append((f"LDAE encoded SSIM ({best} steps)", enc[best]["ssim"]))
+    parts.append('<div class="kpi">' + "".join(f"<div><b>{_fmt(v)}</b>{html.escape(k)}</div>" for k, v in kpis) + "</div>")
+    if "aims" in metrics:
+        parts.append("<h2>Aims of the demo</h2>")
+        parts.append(_table(["aim", "value", "met"], [[a["aim"], a["value"], a["met"]] for a in metrics["aims"]]))
+
+    parts.append("<h2>Cohort</h2>")
+    if cohort_summary:
+        c = cohort_summary
+        rows = [["subjects / scans", f"{c.get('subjects')} / {c.get('scans')}"],
+                ["diagnosis (scans)", ", ".join(f"{k} {v}" for k, v in c.get("diagnosis_scans", {}).items())],
+                ["age", f"{c['age']['min']:.1f}–{c['age']['max']:.1f} (mean {c['age']['mean']:.1f})" if "age" in c else "—"],
+                ["split (subjects)", ", ".join(f"{k} {v}" for k, v in c.get("split_subjects", {}).items())],
+                ["session months", ", ".join(str(m) for m in c.get("session_months", []))]]
+        if "ground_truth_auc" in c:
+            rows.append(["ground-truth AD-vs-CN AUC (volumes + age, logistic CV)", _fmt(c["ground_truth_auc"])])
+        parts.append(_table(["", ""], rows))
+
+    parts.append("<h2>Training curves</h2>")
+    for path, caption in training_curves(run, fig_dir):
+        parts.append(_img(path, caption))
+
+    parts.append("<h2>Reconstruction</h2>")
+    parts.append(_table(["method", "DDIM steps", "SSIM", "MSE", "PSNR", "LPIPS", "s / scan"], _recon_rows(recon), 4))
+    parts.append(f'<p class="muted">{html.escape(str(metrics.get("reconstruction_note", "")))}; LPIPS: '
+                 f'{html.escape(str(metrics.get("lpips_status", "")))}</p>')
+    parts.append(_img(_latest(stage_dir(run, "autoencoder") / "figures", "*.png"), "autoencoder: input / reconstruction / |error| (last validation)"))
+    parts.append(_img(_latest(stage_dir(run, "representation") / "figures", "recon_epoch*.png"),
+                      "LDAE: input, autoencoder, semantic-only, encoded reconstructions (last validation)"))
+    parts.append("<h2>Stochastic variations</h2>")
+    parts.append(_img(ev / "variations.png", "fixed y_sem, new z_T: the semantic vector keeps the anatomy"))
+    parts.append("<h2>Interpolation and missing-timepoint prediction</h2>")
+    parts.append(_img(ev / "interpolation_strip.png", "between two visits of one subject (LERP y_sem, SLERP z_T)"))
+    interp = metrics.get("interpolation", {})
+    if interp:
+        parts.append(_table(["method", "SSIM", "MSE", "triplets"],
+                            [[k, v.get("ssim"), v.get("mse"), v.get("n_triplets")] for k, v in interp.items()], 4))
+    parts.append(_img(ev / "interpolation.png", "predicted missing visit vs AE reconstruction, by gap and position"))
+
+    parts.append("<h2>Manipulation along the AD↔CN probe direction</h2>")
+    man = metrics.get("manipulation", {})
+    for name in ("cn_to_ad", "ad_to_cn"):
+        block = man.get(name, {})
+        if block.get("n_scans"):
+            rows = [[a, block[a]["ventricle_change_pct"], block[a]["hippocampus_change_pct"]]
+                    for a in block if isinstance(block[a], dict)]
+            parts.append(f"<h3>{name.replace('_to_', ' → ').upper()} ({block['n_scans']} test scans)</h3>")
+            parts.append(_table(["α", "ventricles Δ%", "hippocampus Δ%"], rows, 2))
+        parts.append(_img(ev / f"manipulation_{name}.png", f"{name}: strip over α with difference maps"))
+    parts.append(_img(ev / "manipulation_volumes.png", "regional volume change vs α (atlas propagation)"))
+    if man.get("volumetry_check"):
+        vc = man["volumetry_check"]
+        parts.append(f'<p class="muted">volumetry vs ground truth on {vc["n_scans"]} real test scans: '
+                     f'ventricles r = {_fmt(vc.get("ventricle_pearson_r"))}, hippocampus r = {_fmt(vc.get("hippocampus_pearson_r"))}</p>')
+
+    parts.append("<h2>Linear probes</h2>")
+    parts.append(_table(["features", "AUC", "accuracy", "precision", "recall", "F1", "MCC", "age MAE", "age RMSE"],
+                        _probe_rows(probe)))
+    parts.append('<p class="muted">AD vs CN: positive class AD, MCI excluded; probes fitted on the train split with '
+                 "subject-grouped cross-validation, reported on the test split. Oracle = true regional volumes + age "
+                 "(volumes only for age).</p>")
+    parts.append(_img(ev / "lda.png", "LDA projection of y_sem by diagnosis"))
+    base = metrics.get("baselines") or {}
+    if any(base.values()):
+        parts.append("<h3>Baselines</h3>")
+        rows = []
+        for name, b in base.items():
+            if b:
+                ad, age = b["probe"]["ad_vs_cn"], b["probe"]["age"]
+                rows.append([name, ad["auc"], ad["accuracy"], ad["f1"], ad["mcc"], age["mae"], age["rmse"]])
+        parts.append(_table(["baseline", "AUC", "accuracy", "F1", "MCC", "age MAE", "age RMSE"], rows))
+
+    parts.append("<h2>Timings</h2>")
+    timings = metrics.get("timings_s", {})
+    parts.append(_table(["step", "seconds"], [[k, float(v)] for k, v in timings.items()], 1))
+    parts.append('<p class="muted">metrics.json holds every number shown here.</p>')
+    doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return write_text(out_html, doc)
+
+
+def load_metrics(run: str | Path) -> dict:
+    """``RUN/evaluation/metrics.json``."""
+    return json.loads((stage_dir(run, "evaluation") / "metrics.json").read_text())

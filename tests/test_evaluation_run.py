@@ -1,0 +1,72 @@
+"""`ldae evaluate`, the HTML report and the metrics.json schema on the tiny run fixture."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ldae.cli import main
+
+QUICK = ["--reconstruction.steps", "[2]", "--interpolation.steps", "2", "--manipulation.steps", "2",
+         "--manipulation.max_scans", "1", "--manipulation.alphas", "[0.0, 2.0]",
+         "--manipulation.volumetry.transform", "Affine", "--baselines.enabled", "false"]
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("ants")
+    out = tmp_path_factory.mktemp("evaluation")
+    assert main(["evaluate", "--model", str(tiny_run), "--out", str(out), "--preset", "tiny", *QUICK]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_metrics_schema(evaluation: Path):
+    m = json.loads((evaluation / "metrics.json").read_text())
+    for method in ("lddim_encoded", "ldae_encoded", "ldae_semantic"):
+        assert set(m["reconstruction"][method]["2"]) == {"ssim", "mse", "psnr", "lpips", "seconds_per_scan"}
+    ae = m["reconstruction"]["autoencoder"]
+    assert 0 < ae["ssim"] <= 1 and ae["mse"] > 0 and ae["lpips"] is None and "unavailable" in m["lpips_status"]
+    for name in ("learned", "untrained"):
+        assert set(m["probe"][name]["ad_vs_cn"]) >= {"accuracy", "precision", "recall", "f1", "mcc", "auc"}
+        assert set(m["probe"][name]["age"]) >= {"mae", "rmse"}
+        assert m["probe"][name]["ad_vs_cn"]["positive_class"] == "AD"
+    for method in ("ldae", "nearest_visit", "latent_lerp"):
+        assert set(m["interpolation"][method]) >= {"ssim", "mse", "n_triplets"}
+        assert m["interpolation"][method]["n_triplets"] > 0
+    for a in ("0", "2"):
+        assert set(m["manipulation"]["ad_to_cn"][a]) == {"ventricle_change_pct", "hippocampus_change_pct"}
+    assert m["manipulation"]["ad_to_cn"]["0"]["ventricle_change_pct"] == 0.0
+    for png in ("lda.png", "variations.png", "interpolation_strip.png", "interpolation.png",
+                "manipulation_ad_to_cn.png", "manipulation_volumes.png"):
+        assert (evaluation / png).stat().st_size > 1000, png
+
+
+@pytest.mark.slow
+def test_probes_saved_for_prediction(evaluation: Path):
+    import numpy as np
+
+    from ldae.evaluation.probes import load_probes, predict_probes
+
+    probes = load_probes(evaluation / "probes.json")
+    emb = np.load(evaluation / "embeddings.npz")
+    p_ad, age = predict_probes(probes, emb["y_sem"])
+    assert p_ad.shape == age.shape == (emb["y_sem"].shape[0],)
+    assert np.all((0 <= p_ad) & (p_ad <= 1)) and np.all(np.isfinite(age))
+
+
+@pytest.mark.slow
+def test_report_is_self_contained(evaluation: Path, tiny_run: Path, tmp_path: Path):
+    from ldae.report import write_report
+
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    # the report reads RUN/evaluation: point a copy of the run layout at this evaluation
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("autoencoder", "diffusion", "representation"):
+        (run / stage).symlink_to(tiny_run / stage)
+    (run / "evaluation").symlink_to(evaluation)
+    html = write_report(run, tmp_path / "report.html", metrics).read_text()
+    assert html.count("data:image/png;base64,") >= 6
+    assert "src=\"http" not in html and "<script" not in html
+    assert "Linear probes" in html and "Reconstruction" in html
