@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "variations": "ldae.commands.variations",
     "interpolate": "ldae.commands.interpolate",
     "manipulate": "ldae.commands.manipulate",
+    "evaluate": "ldae.commands.evaluate",
     "demo": "ldae.commands.demo",
 }
 
