@@ -70,3 +70,33 @@ def test_report_is_self_contained(evaluation: Path, tiny_run: Path, tmp_path: Pa
     assert html.count("data:image/png;base64,") >= 6
     assert "src=\"http" not in html and "<script" not in html
     assert "Linear probes" in html and "Reconstruction" in html
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(evaluation: Path, tiny_run: Path, tmp_path: Path):
+    """Documented check (README): the report renders in Debian's chromium; skipped where it is absent."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from ldae.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("autoencoder", "diffusion", "representation"):
+        (run / stage).symlink_to(tiny_run / stage)
+    (run / "evaluation").symlink_to(evaluation)
+    report = write_report(run, tmp_path / "report.html", json.loads((evaluation / "metrics.json").read_text()))
+    shot = tmp_path / "shot.png"
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
+                    report.as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    hist = img.histogram()
+    # a rendered page: mostly white background plus a substantial amount of non-white content
+    assert img.size == (1200, 2400) and sum(hist[:200]) > 0.02 * sum(hist)
