@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     from ldae.data.synthetic import load_synth_config, synthesize
 
     cfg = load_synth_config(args.config, args.overrides)
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if "hippocampus_ad_vs_cn_pct" in effects:
         print(f"  baseline AD vs CN: hippocampus {effects['hippocampus_ad_vs_cn_pct']:+.1f}%, ventricles "
               f"{effects['ventricle_ad_vs_cn_pct']:+.1f}%, brain {effects['brain_ad_vs_cn_pct']:+.1f}%")
+    auc = "n/a (too few AD or CN subjects)" if math.isnan(result.auc) else f"{result.auc:.3f}"
     print(f"  ground-truth AD-vs-CN ROC-AUC (logistic regression on hippocampus, ventricle, brain volume, "
-          f"age; 5-fold CV): {result.auc:.3f}")
+          f"age; 5-fold CV): {auc}")
     return 0

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ldae.config import apply_overrides, configs_root, deep_merge, dump_config, load_config
+from ldae.data.synthetic_anatomy import random_field
 from ldae.data.synthetic_params import (
     _STREAM_BIAS,
     _STREAM_NOISE,
@@ -45,6 +46,7 @@ from ldae.errors import ConfigError
 GENERATOR_VERSION = 1
 TRUTH_COLUMNS = ("ventricle_volume_ml", "hippocampus_volume_ml", "brain_volume_ml", "atrophy")
 AUC_FEATURES = ("hippocampus_volume_ml", "ventricle_volume_ml", "brain_volume_ml", "age")
+MIN_AUC_GROUP = 5  # fewer AD or CN subjects than this: the AUC is not reported (NaN)
 
 
 def default_config_path() -> Path:
@@ -179,16 +181,7 @@ def _write_image(path: Path, volume: np.ndarray, affine: np.ndarray, tag: str) -
 
 def generate_subject(job: Job) -> tuple[list[dict], float, int, int]:
     """All visits of one subject: rows (ground truth + parameters), compute seconds, written, skipped."""
-    from ldae.data.synthetic_anatomy import (
-        Grid,
-        SubjectAnatomy,
-        atrophy_fields,
-        load_template,
-        random_field,
-        sample,
-        template_intensity,
-    )
-    from ldae.data.synthetic_image import render_intensity
+    from ldae.data.synthetic_anatomy import Grid, SubjectAnatomy, atrophy_fields, load_template
 
     p, cfg = job.params, job.cfg
     template = load_template()
@@ -199,7 +192,7 @@ def generate_subject(job: Job) -> tuple[list[dict], float, int, int]:
     reach = max(sum(abs(a) for a in amp.values()) for amp in amplitudes)
     anatomy = SubjectAnatomy(template, fields, cfg, p.head_scale, subject_rng(p.seed, p.index, _STREAM_WARP), reach)
     out_grid = Grid.centred(template.centre, job.shape, job.spacing) if job.out else None
-    log_bias = None
+    log_bias: np.ndarray | None = None
     rows, written, skipped = [], 0, 0
     for state, amp in zip(states, amplitudes):
         session = anatomy.session(amp, where=f"{p.subject} month {state.months}")
@@ -209,22 +202,32 @@ def generate_subject(job: Job) -> tuple[list[dict], float, int, int]:
             if _is_complete(path, tag, job.shape):
                 skipped += 1
             else:
-                if log_bias is None:
+                if log_bias is None:  # one smooth bias field per subject (same scanner at every visit)
+                    intensity = cfg["intensity"]
                     bias_rng = subject_rng(p.seed, p.index, _STREAM_BIAS)
-                    log_bias = random_field(bias_rng, anatomy.warp_grid, float(cfg["intensity"]["bias_smooth"]), 1)[0]
-                    log_bias *= np.float32(float(cfg["intensity"]["bias_amplitude"]))
-                idx, pts, psi, mask = anatomy.output_samples(
-                    session, out_grid, float(cfg["intensity"]["mask_threshold"])
-                )
-                t1 = sample(template_intensity(template, job.spacing), template.grid, psi)
-                bias = sample(log_bias, anatomy.warp_grid, pts, mode="nearest")
-                noise_rng = subject_rng(p.seed, p.index, _STREAM_NOISE, state.months)
-                volume = np.zeros(job.shape, np.float32)
-                volume[idx] = render_intensity(t1, mask, bias, p, cfg["intensity"], noise_rng)
+                    unit = random_field(bias_rng, anatomy.warp_grid, float(intensity["bias_smooth"]), 1)[0]
+                    log_bias = unit * np.float32(float(intensity["bias_amplitude"]))
+                volume = _render(anatomy, session, out_grid, log_bias, p, state.months, cfg)
                 _write_image(path, volume, out_grid.affine, tag)
                 written += 1
         rows.append(_row(p, state, session, anatomy, path))
     return rows, time.perf_counter() - t0, written, skipped
+
+
+def _render(anatomy: Any, session: Any, out_grid: Any, log_bias: np.ndarray, p: SubjectParams, months: int,
+            cfg: Mapping[str, Any]) -> np.ndarray:
+    """The visit's image: warped template T1 through the subject's intensity model, zero outside the brain."""
+    from ldae.data.synthetic_anatomy import sample, template_intensity
+    from ldae.data.synthetic_image import render_intensity
+
+    t = anatomy.template
+    idx, pts, psi, mask = anatomy.output_samples(session, out_grid, float(cfg["intensity"]["mask_threshold"]))
+    t1 = sample(template_intensity(t, out_grid.spacing), t.grid, psi)
+    bias = sample(log_bias, anatomy.warp_grid, pts, mode="nearest")
+    noise_rng = subject_rng(p.seed, p.index, _STREAM_NOISE, months)
+    volume = np.zeros(out_grid.shape, np.float32)
+    volume[idx] = render_intensity(t1, mask, bias, p, cfg["intensity"], noise_rng)
+    return volume
 
 
 def _row(p: SubjectParams, state: Any, session: Any, anatomy: Any, path: Path | None) -> dict:
@@ -300,8 +303,8 @@ def synthesize(
 ) -> SynthResult:
     """Generate the cohort. ``out=None`` or ``images=False`` runs the ground-truth-only path (same code,
     no image rendering); ``baseline_only`` keeps month 0 only. Returns the table, AUC and timings."""
-    from ldae.data.cohort import assign_splits, write_cohort
-    from ldae.data.synthetic_anatomy import atrophy_fields, load_template
+    from ldae.data.cohort import assign_splits, summarize, write_cohort
+    from ldae.data.synthetic_anatomy import atrophy_fields, load_template, template_intensity
     from ldae.io import write_json, write_text
 
     cfg = dict(cfg) if cfg is not None else load_synth_config()
@@ -313,7 +316,9 @@ def synthesize(
         raise ConfigError(f"synth: --shape needs three sizes >= 8 and --spacing > 0 (got {shape}, {spacing})")
     workers = _default_workers() if workers is None else max(1, int(workers))
     template = load_template()  # raises a clear LDAEError before any work when templates are missing
-    atrophy_fields(template, cfg)
+    atrophy_fields(template, cfg)  # built once here: forked workers inherit these caches
+    if images and out is not None:
+        template_intensity(template, spacing)
     subjects = sample_subjects(n_subjects, seed, cfg)
     write_images = images and out is not None
     jobs = [
@@ -337,8 +342,9 @@ def synthesize(
     effects = effect_sizes(table)
     summary = {
         "generator_version": GENERATOR_VERSION, "seed": seed, "subjects": n_subjects, "volumes": total,
-        "shape": list(shape), "spacing": spacing, "ground_truth_auc_ad_vs_cn": auc, "effects": effects,
-        "auc_features": list(AUC_FEATURES),
+        "shape": list(shape), "spacing": spacing,
+        "ground_truth_auc_ad_vs_cn": None if math.isnan(auc) else round(auc, 4),
+        "auc_features": list(AUC_FEATURES), "effects": effects, "cohort": summarize(table),
     }
     csv = None
     if out is not None:
@@ -365,7 +371,8 @@ def ground_truth(n_subjects: int, seed: int = 0, cfg: Mapping[str, Any] | None =
 
 def ground_truth_auc(table: pd.DataFrame, seed: int = 0, folds: int = 5) -> float:
     """Cross-validated AD-vs-CN ROC-AUC of a logistic regression on the baseline ground truth
-    (hippocampus, ventricle, brain volume, age): mean over stratified folds; NaN if too few subjects."""
+    (hippocampus, ventricle, brain volume, age): mean over stratified folds; NaN with fewer than
+    ``MIN_AUC_GROUP`` AD or CN subjects."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -374,9 +381,10 @@ def ground_truth_auc(table: pd.DataFrame, seed: int = 0, folds: int = 5) -> floa
     base = table.sort_values(["subject", "session"]).groupby("subject", sort=True).first()
     base = base[base["diagnosis"].isin(["AD", "CN"])]
     y = (base["diagnosis"] == "AD").to_numpy(int)
-    n_splits = min(folds, int(np.bincount(y, minlength=2).min()))
-    if n_splits < 2:
+    smallest = int(np.bincount(y, minlength=2).min())
+    if smallest < MIN_AUC_GROUP:
         return float("nan")
+    n_splits = min(folds, smallest)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     scores = cross_val_score(model, base[list(AUC_FEATURES)].to_numpy(float), y, cv=cv, scoring="roc_auc")
@@ -391,7 +399,7 @@ def effect_sizes(table: pd.DataFrame) -> dict[str, float]:
     for col, name in (("hippocampus_volume_ml", "hippocampus"), ("ventricle_volume_ml", "ventricle"),
                       ("brain_volume_ml", "brain")):
         if len(cn) and len(ad):
-            out[f"{name}_ad_vs_cn_pct"] = round(100.0 * (ad[col].mean() / cn[col].mean() - 1.0), 2)
+            out[f"{name}_ad_vs_cn_pct"] = round(float(100.0 * (ad[col].mean() / cn[col].mean() - 1.0)), 2)
     for group in ("CN", "MCI", "AD"):
         for col, name in (("hippocampus_volume_ml", "hippocampus"), ("ventricle_volume_ml", "ventricle")):
             slopes = []
