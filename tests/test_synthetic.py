@@ -277,3 +277,15 @@ def test_config_mistakes_are_clear(tmp_path, capsys):
     with pytest.raises(ConfigError, match="intensity.noise"):
         synthesize(tmp_path / "n", 1, shape=(16, 20, 16), spacing=12.0, workers=1,
                    cfg=load_synth_config(overrides=["--intensity.noise", "poisson", *FAST]))
+
+
+def test_ground_truth_only_cli(tmp_path, capsys):
+    out = tmp_path / "truth"
+    assert main(["synth", "--out", str(out), "--subjects", "10", "--no-images", "--quiet", "--workers", "1",
+                 "--cohort.visits", "[2, 2]", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "ground-truth AD-vs-CN ROC-AUC" in text and "n/a (too few AD or CN subjects)" in text
+    assert not (out / "images").exists() and not (out / "cohort.csv").exists()
+    truth = pd.read_csv(out / "truth.csv")
+    assert len(truth) == 20 and truth["hippocampus_volume_ml"].between(4, 16).all()
+    assert (out / "synth_config.yaml").is_file() and (out / "synth.json").is_file()
