@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "interpolate": "ldae.commands.interpolate",
     "manipulate": "ldae.commands.manipulate",
     "evaluate": "ldae.commands.evaluate",
+    "predict": "ldae.commands.predict",
     "demo": "ldae.commands.demo",
 }
 

@@ -1,0 +1,252 @@
+"""`ldae predict` and ``ldae.predict`` on the briefly trained tiny run (tests/conftest.py::tiny_run).
+
+The probes are fitted here with ``ldae.evaluation.probes`` on y_sem computed scan by scan (the same
+functions ``ldae evaluate`` uses, without its slow sections), so the predictions of the batched
+``predict`` path can be checked against scikit-learn's own ``predict_proba``/``predict`` outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ldae.cli import main
+from ldae.errors import CohortError, LDAEError
+
+
+@dataclass
+class ProbedRun:
+    """A run folder (stages linked from the fixture run) with RUN/evaluation/probes.json."""
+
+    run: Path
+    df: pd.DataFrame  # cohort rows (absolute paths, split, diagnosis, age)
+    X: np.ndarray  # y_sem per row, one scan at a time
+    ad: dict  # probe_ad_vs_cn result (test_index, test_score from scikit-learn)
+    age: dict  # probe_age result (test_index, test_prediction)
+
+
+def make_probed_run(tiny_run: Path, root: Path) -> ProbedRun:
+    """Link the fixture's stages into ``root/run`` and save AD-vs-CN / age probes fitted on its train split."""
+    from ldae.data.cohort import read_cohort
+    from ldae.evaluation.probes import probe_ad_vs_cn, probe_age, save_probes
+    from ldae.model import LDAE
+    from ldae.runs import COMPRESSED_CSV, stage_dir
+
+    run = root / "run"
+    run.mkdir(parents=True)
+    for stage in ("autoencoder", "latents", "diffusion", "representation"):
+        (run / stage).symlink_to((tiny_run / stage).resolve())
+    df = read_cohort(stage_dir(run, "latents") / COMPRESSED_CSV)
+    model = LDAE.load(run)
+    with torch.no_grad():
+        X = np.concatenate([model.semantic(model.load_volume(p)[0]).double().numpy() for p in df["path"]])
+    cols = (df["split"].to_numpy(), df["subject"].to_numpy())
+    ad = probe_ad_vs_cn(X, df["diagnosis"].to_numpy(), *cols, seed=0)
+    age = probe_age(X, df["age"].to_numpy(), *cols, seed=0)
+    save_probes(stage_dir(run, "evaluation") / "probes.json", ad, age)
+    return ProbedRun(run, df, X, ad, age)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> ProbedRun:
+    return make_probed_run(tiny_run, tmp_path_factory.mktemp("predict"))
+
+
+@pytest.fixture(scope="module")
+def model(probed: ProbedRun):
+    from ldae.model import LDAE
+
+    return LDAE.load(probed.run)
+
+
+def _write(path: Path, data: np.ndarray, spacing: float = 6.0) -> Path:
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------------- predictions
+def test_cli_json_matches_scikit_learn_probe_on_test_rows(probed: ProbedRun, capsys):
+    ad_rows = probed.df.index[probed.ad["test_index"]]
+    age_rows = probed.df.index[probed.age["test_index"]]
+    rows = list(dict.fromkeys([*age_rows, *ad_rows]))
+    paths = probed.df.loc[rows, "path"].tolist()
+    assert main(["predict", "--model", str(probed.run), *paths, "--json", "--batch-size", "3", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_scan = {r["scan"]: r for r in out["predictions"]}
+    assert [r["scan"] for r in out["predictions"]] == paths
+    p_ad = np.array([by_scan[probed.df.loc[i, "path"]]["p_ad"] for i in ad_rows])
+    age = np.array([by_scan[probed.df.loc[i, "path"]]["age"] for i in age_rows])
+    np.testing.assert_allclose(p_ad, probed.ad["test_score"], atol=1e-5)  # sklearn predict_proba
+    np.testing.assert_allclose(age, probed.age["test_prediction"], atol=1e-3)  # sklearn Ridge.predict
+    for r in out["predictions"]:
+        assert r["label"] == ("AD" if r["p_ad"] >= out["threshold"] else "CN")
+    assert out["probe_test_metrics"]["ad_vs_cn"]["auc"] == pytest.approx(probed.ad["auc"])
+    assert out["probes"] == str(probed.run / "evaluation" / "probes.json")
+
+
+def test_ad_scored_above_cn(probed: ProbedRun, model):
+    """The phantom cohort plants a severity signal (larger 'ventricles' in AD). Asserted on the rows the
+    probe was fitted on (train) and, because the phantom signal is strong, on the held-out test rows."""
+    from ldae.predict import predict
+
+    df = probed.df[probed.df["diagnosis"].isin(["AD", "CN"])]
+    res = predict(model, df["path"].tolist(), batch_size=8, progress=False)
+    p = pd.Series(res.p_ad, index=df.index)
+    for split in ("train", "test"):
+        sub = df[df["split"] == split]
+        mean_ad = p[sub.index[sub["diagnosis"] == "AD"]].mean()
+        mean_cn = p[sub.index[sub["diagnosis"] == "CN"]].mean()
+        assert mean_ad > mean_cn, (split, mean_ad, mean_cn)
+
+
+def test_batching_does_not_change_results(probed: ProbedRun, model):
+    from ldae.predict import predict
+
+    paths = probed.df["path"].tolist()[:5]
+    one = predict(model, paths, batch_size=1, progress=False)
+    many = predict(model, paths, batch_size=4, progress=False)
+    np.testing.assert_allclose(one.y_sem, many.y_sem, atol=1e-5)
+    np.testing.assert_allclose(one.y_sem, probed.X[:5], atol=1e-5)
+    np.testing.assert_allclose(one.p_ad, many.p_ad, atol=1e-6)
+    np.testing.assert_allclose(one.age, many.age, atol=1e-4)
+
+
+def test_csv_embeddings_and_table(probed: ProbedRun, tmp_path: Path, capsys):
+    paths = probed.df["path"].tolist()[:3]
+    csv, npz = tmp_path / "pred.csv", tmp_path / "emb.npz"
+    code = main(["predict", "--model", str(probed.run), *paths, "--csv", str(csv), "--save-embeddings", str(npz)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "P(AD)" in printed and "sub-0000_ses-M00" in printed and "test AUC" in printed
+    table = pd.read_csv(csv)
+    assert list(table.columns) == ["scan", "name", "p_ad", "label", "age"]
+    assert table["scan"].tolist() == paths and table["p_ad"].between(0, 1).all()
+    emb = np.load(npz)
+    assert emb["y_sem"].shape == (3, probed.X.shape[1])
+    np.testing.assert_allclose(emb["y_sem"], probed.X[:3], atol=1e-5)
+    assert emb["scan"].tolist() == paths
+    np.testing.assert_allclose(emb["p_ad"], table["p_ad"], rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- error paths
+def test_no_probes_says_run_evaluate(probed: ProbedRun, tmp_path: Path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for stage in ("autoencoder", "diffusion", "representation"):
+        (bare / stage).symlink_to(probed.run / stage)
+    assert main(["predict", "--model", str(bare), probed.df["path"].iloc[0]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "ldae evaluate" in err and str(bare / "evaluation" / "probes.json") in err
+
+
+def test_missing_unreadable_and_4d_scans_are_named(probed: ProbedRun, tmp_path: Path, capsys):
+    good = probed.df["path"].iloc[0]
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not a nifti at all")
+    four_d = _write(tmp_path / "fourd.nii.gz", np.random.default_rng(0).random((32, 40, 32, 2)))
+    missing = tmp_path / "missing.nii.gz"
+    for bad, words in ((missing, "file not found"), (garbage, "cannot read NIfTI"), (four_d, "expected a 3D volume")):
+        assert main(["predict", "--model", str(probed.run), good, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and words in err, err
+
+
+def test_wrong_field_of_view_is_named(probed: ProbedRun, model, tmp_path: Path):
+    """A raw-like grid (1 mm, 64³ = 64 mm field of view) is refused; the model's grid (6 mm, 32×40×32) passes."""
+    from ldae.predict import check_scan, predict
+
+    rng = np.random.default_rng(0)
+    raw = _write(tmp_path / "raw.nii.gz", rng.random((64, 64, 64)), spacing=1.0)
+    with pytest.raises(CohortError, match="raw.nii.gz: field of view 64 x 64 x 64 mm .*--preprocess"):
+        predict(model, [probed.df["path"].iloc[0], raw], progress=False)
+    check_scan(_write(tmp_path / "ok.nii.gz", rng.random((32, 40, 32))), 6.0, (32, 40, 32))
+    # axis order follows the world (RAS) axes: a 40x32x32 grid with X and Y swapped in the affine passes
+    swapped = np.zeros((4, 4))
+    swapped[0, 1] = swapped[1, 0] = swapped[2, 2] = 6.0
+    swapped[3, 3] = 1.0
+    nib.save(nib.Nifti1Image(rng.random((40, 32, 32)).astype(np.float32), swapped), str(tmp_path / "sw.nii.gz"))
+    check_scan(tmp_path / "sw.nii.gz", 6.0, (32, 40, 32))
+    with pytest.raises(CohortError):
+        check_scan(tmp_path / "sw.nii.gz", 6.0, (40, 32, 32))
+    check_scan(raw, 6.0, (32, 40, 32), fov_tolerance=float("inf"))  # check disabled
+
+
+def test_bad_voxels_error_names_file(probed: ProbedRun, model, tmp_path: Path):
+    from ldae.predict import predict
+
+    vol = np.random.default_rng(0).random((32, 40, 32))
+    vol[3, 3, 3] = np.nan
+    bad = _write(tmp_path / "nan.nii.gz", vol)
+    with pytest.raises(CohortError, match=r"nan\.nii\.gz: volume holds 1 NaN"):
+        predict(model, [bad], progress=False)
+
+
+def test_probes_of_another_size_and_batch_size(probed: ProbedRun, model):
+    from ldae.evaluation.probes import load_probes
+    from ldae.predict import predict
+
+    probes = load_probes(probed.run / "evaluation" / "probes.json")
+    for part in ("ad_vs_cn", "age"):
+        for key in ("coef", "mean", "scale"):
+            probes[part][key] = probes[part][key][:7]
+    with pytest.raises(LDAEError, match="expects 7-d embeddings.*y_sem has"):
+        predict(model, [probed.df["path"].iloc[0]], probes=probes, progress=False)
+    with pytest.raises(LDAEError, match="batch size must be >= 1"):
+        predict(model, [probed.df["path"].iloc[0]], batch_size=0, progress=False)
+
+
+# ----------------------------------------------------------------------------------- --preprocess
+def test_preprocess_without_ants_says_so(probed: ProbedRun, model, monkeypatch):
+    import ldae.data.preprocess as pre
+    from ldae.predict import predict
+
+    def no_ants():
+        raise LDAEError(pre.INSTALL_HINT)
+
+    monkeypatch.setattr(pre, "require_ants", no_ants)
+    with pytest.raises(LDAEError, match="--preprocess: raw-T1 preprocessing needs ANTsPy"):
+        predict(model, [probed.df["path"].iloc[0]], preprocess=True, progress=False)
+
+
+def test_preprocess_runs_before_prediction(probed: ProbedRun, model, monkeypatch, tmp_path: Path):
+    """The raw scan goes through preprocess_scan (stubbed: a 2-voxel shift, no ANTs run) into a temporary
+    folder; results are those of the preprocessed volume but keep the user's file name."""
+    import ldae.data.preprocess as pre
+    from ldae.io import write_nifti
+    from ldae.predict import predict
+
+    calls = []
+
+    def fake(src, out, cfg):
+        data, affine = nib.load(str(src)).get_fdata(), nib.load(str(src)).affine
+        calls.append((Path(src), Path(out), cfg["output"]["spacing"]))
+        write_nifti(out, np.roll(data, 2, axis=0), affine)
+
+    monkeypatch.setattr(pre, "require_ants", lambda: None)
+    monkeypatch.setattr(pre, "preprocess_scan", fake)
+    src = probed.df["path"].iloc[0]
+    res = predict(model, [src], preprocess=True, progress=False)
+    assert calls and calls[0][0] == Path(src) and not calls[0][1].exists()  # temporary folder removed
+    assert res.scans == [src] and res.names == ["sub-0000_ses-M00_T1w"]
+    shifted = _write(tmp_path / "shifted.nii.gz", np.roll(nib.load(src).get_fdata(), 2, axis=0))
+    direct = predict(model, [shifted], progress=False)
+    np.testing.assert_allclose(res.p_ad, direct.p_ad, atol=1e-7)
+    plain = predict(model, [src], progress=False)
+    assert not np.allclose(res.y_sem, plain.y_sem)
