@@ -174,3 +174,23 @@ def test_manipulation_plot_writes_png(tmp_path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
     with pytest.raises(LDAEError, match="alphas"):
         plot_manipulation(tmp_path / "bad.png", alphas[:3], {"ventricle": per_scan})
+
+
+@pytest.mark.slow
+def test_jacobian_volume_changes_track_the_truth(tpl) -> None:
+    """Jacobian integration against the reference: same sign and roughly the size of the true changes."""
+    from ldae.evaluation.volumetry import measure_volume_changes
+
+    centers = [tpl["centroid"](i) for i in (41, 92, 48, 99)]
+    warp = _bumps(centers, [-0.3, -0.3, 0.25, 0.25], sigma=20.0)
+    true_v = (tpl["true_ml"](VENTRICLES, warp) / tpl["true_ml"](VENTRICLES, _identity) - 1) * 100
+    true_h = (tpl["true_ml"](HIPPOCAMPUS, warp) / tpl["true_ml"](HIPPOCAMPUS, _identity) - 1) * 100
+    calls = []
+    (res,) = measure_volume_changes(
+        tpl["image"](_identity), [tpl["image"](warp)], tpl["A"], progress=lambda d, n: calls.append(d)
+    )
+    assert calls == [1]
+    # measured on this case: ventricles +24% (true +33%), hippocampi -27% (true -38%)
+    assert 0.5 * true_v < res["ventricle_change_pct"] < 1.3 * true_v
+    assert 1.3 * true_h < res["hippocampus_change_pct"] < 0.5 * true_h
+    assert abs(res["brain_change_pct"]) < 3.0

@@ -19,16 +19,28 @@ Method (documented here because the manipulation results depend on it):
    ``ventricle_ml`` = lateral + inferior lateral ventricles (CerebrA 41/92 and 5/56, both hemispheres),
    ``hippocampus_ml`` = 48/99, ``brain_ml`` = the template brain mask.
 
+Alternative for changes within one scan (manipulation over α): :func:`measure_volume_changes` propagates
+the atlas once onto the reference and integrates the Jacobian determinant of a reference-to-moved SyN
+registration over each region (no affine stage, no label transfer per image).
+
+Accuracy measured on template-derived images at 4 mm (tests/test_volumetry.py): isotropic 1.1× / 0.9×
+scaling recovered within ~5% of s³ for all three regions; a local ventricle enlargement of +33% measured
++32% (atlas propagation) / +24% (Jacobian), a hippocampal shrinkage of -38% measured -23% / -27%. On a
+12-subject bundled synthetic cohort at 4 mm (53 scans) against its ground truth: Pearson r 0.96
+(ventricles), 0.62 (hippocampus), 0.99 (brain); mean measured/true 1.00, 1.04, 0.98. Hippocampal changes
+are under-estimated at coarse resolution: register at 2 mm (``registration_spacing_mm``) when it matters.
+
 The registration parameters live in :class:`VolumetryConfig` (built from the evaluation preset).
 :func:`measure_volumes_batch` runs many images in worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -168,14 +180,42 @@ def to_ants(volume: np.ndarray, affine: np.ndarray) -> Any:
     return ants.from_nibabel_nifti(img)
 
 
-def register_template(image: Any, config: VolumetryConfig) -> dict[str, Any]:
-    """ANTs registration of the template (moving) to ``image`` (fixed) at the coarse grid; returns ANTs' dict."""
+def registration_grid(image: Any, config: VolumetryConfig) -> Any:
+    """``image`` resampled (B-spline) to ``registration_spacing_mm`` if it is finer than that, else itself."""
     ants = _ants()
-    spacing = max(config.registration_spacing_mm, float(min(image.spacing)))
-    fixed = image
     if min(image.spacing) < config.registration_spacing_mm - 1e-6:
-        fixed = ants.resample_image(image, (spacing,) * 3, use_voxels=False, interp_type=4)
-    moving = _template_at(round(spacing, 6))
+        spacing = (config.registration_spacing_mm,) * 3
+        return ants.resample_image(image, spacing, use_voxels=False, interp_type=4)
+    return image
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """ANTsPy reads its registration seed (``--random-seed``) from ``ants.config``; set it for one call."""
+    ants = _ants()
+    previous = ants.config._random_seed
+    ants.config._random_seed = seed
+    try:
+        yield
+    finally:
+        ants.config._random_seed = previous
+
+
+def _cleanup(reg: dict[str, Any]) -> None:
+    """Delete the transform files ANTs wrote to the temporary folder."""
+    for path in set(reg.get("fwdtransforms", [])) | set(reg.get("invtransforms", [])):
+        if isinstance(path, str):
+            Path(path).unlink(missing_ok=True)
+
+
+def register_template(image: Any, config: VolumetryConfig) -> dict[str, Any]:
+    """ANTs registration of the template (moving) to ``image`` (fixed) on the coarse registration grid.
+
+    Returns ANTs' dict; its ``fwdtransforms`` pull template data onto any grid in the image's space.
+    """
+    ants = _ants()
+    fixed = registration_grid(image, config)
+    moving = _template_at(round(float(min(fixed.spacing)), 6))
     kwargs: dict[str, Any] = {
         "type_of_transform": config.transform,
         "reg_iterations": tuple(config.syn_iterations),
@@ -184,12 +224,8 @@ def register_template(image: Any, config: VolumetryConfig) -> dict[str, Any]:
         "aff_smoothing_sigmas": tuple(config.affine_smoothing_sigmas),
         **config.extra,
     }
-    previous_seed = ants.config._random_seed
-    ants.config._random_seed = config.seed  # ANTsPy reads the seed from here (passes --random-seed)
-    try:
+    with _seeded(config.seed):
         return ants.registration(fixed=fixed, moving=moving, **kwargs)
-    finally:
-        ants.config._random_seed = previous_seed
 
 
 def measure_volumes(
@@ -232,11 +268,76 @@ def measure_volumes(
         for region, mask in tpl["masks"].items():
             frac = ants.apply_transforms(image, mask, tx, interpolator="linear").numpy()
             out[f"{region}_ml"] = float(np.clip(frac, 0.0, 1.0).sum()) * voxel_ml
-    for path in set(reg["fwdtransforms"]) | set(reg["invtransforms"]):
-        Path(path).unlink(missing_ok=True)  # ANTs writes its transforms to /tmp
+    _cleanup(reg)
     out["seconds"] = time.perf_counter() - start
     if return_labels:
         out["labels"] = np.rint(label_map).astype(np.int16)
+    return out
+
+
+# ------------------------------------------------------------------------------------- volume changes
+def measure_volume_changes(
+    reference: np.ndarray,
+    moved: Sequence[np.ndarray],
+    affine: np.ndarray,
+    config: VolumetryConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, float]]:
+    """Regional volume change (%) of each ``moved`` image relative to ``reference`` (same grid and space,
+    e.g. one scan manipulated over α), by Jacobian integration.
+
+    The atlas is propagated once, onto the reference (fractional masks ``f_R`` on the registration grid).
+    Each moved image is then registered to the reference with SyN only (identity start, same metric and
+    iterations as above), and the change of region R is ``Σ f_R·det∇φ / Σ f_R − 1`` where φ maps
+    reference points to moved points, so ``det∇φ > 1`` where the moved image is locally larger.
+    Intra-subject registration of near-identical images is far less noisy than two independent
+    template registrations, and skips the affine stage and the label transfers (faster per image).
+
+    Returns one ``{"ventricle_change_pct", "hippocampus_change_pct", "brain_change_pct", "seconds"}``
+    per moved image.
+    """
+    ants = _ants()
+    config = config or VolumetryConfig()
+    ref_image = to_ants(reference, affine)
+    grid = registration_grid(ref_image, config)
+    tpl = _template()
+    reg = register_template(ref_image, config)
+    fractions = {
+        region: np.clip(
+            ants.apply_transforms(grid, mask, reg["fwdtransforms"], interpolator="linear").numpy(), 0.0, 1.0
+        )
+        for region, mask in tpl["masks"].items()
+    }
+    _cleanup(reg)
+    for region, f in fractions.items():
+        if f.sum() <= 0:
+            raise LDAEError(
+                f"volumetry: the {region} label did not land on the reference image (registration failed?)"
+            )
+    out = []
+    for i, volume in enumerate(moved):
+        start = time.perf_counter()
+        moving = registration_grid(to_ants(volume, affine), config)
+        with _seeded(config.seed):
+            r = ants.registration(
+                fixed=grid,
+                moving=moving,
+                type_of_transform="SyNOnly",
+                initial_transform="Identity",
+                reg_iterations=tuple(config.syn_iterations),
+                **config.extra,
+            )
+        warp = next(t for t in r["fwdtransforms"] if t.endswith((".nii.gz", ".nii")))
+        jac = ants.create_jacobian_determinant_image(grid, warp).numpy()
+        _cleanup(r)
+        res = {
+            f"{region}_change_pct": float((f * jac).sum() / f.sum() - 1.0) * 100.0
+            for region, f in fractions.items()
+        }
+        res["seconds"] = time.perf_counter() - start
+        out.append(res)
+        if progress is not None:
+            progress(i + 1, len(moved))
     return out
 
 
@@ -266,7 +367,8 @@ def measure_volumes_batch(
     """:func:`measure_volumes` for many images (NIfTI paths or ``(volume, affine)`` pairs), in order.
 
     ``workers`` processes (default: CPU count, at most the number of items; 1 = in this process) each get
-    ``cpu_count // workers`` ITK threads. ``progress`` = True shows a rich progress bar, or pass a callback
+    ``cpu_count // workers`` ITK threads. Workers are *spawned* (ITK and OpenMP thread pools do not survive
+    ``fork``), so a calling script needs the ``if __name__ == "__main__":`` guard. ``progress`` = True shows a rich progress bar, or pass a callback
     ``(done, total)``.
     """
     config = config or VolumetryConfig()
