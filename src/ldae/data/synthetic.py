@@ -15,6 +15,7 @@ are complete and were made with the same settings (recorded in the NIfTI ``descr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -315,6 +316,8 @@ def synthesize(
     if len(shape) != 3 or min(shape) < 8 or not spacing > 0:
         raise ConfigError(f"synth: --shape needs three sizes >= 8 and --spacing > 0 (got {shape}, {spacing})")
     workers = _default_workers() if workers is None else max(1, int(workers))
+    cfg = copy.deepcopy(cfg)  # the saved config states what was actually generated
+    cfg["cohort"]["subjects"], cfg["grid"]["shape"], cfg["grid"]["spacing"] = n_subjects, list(shape), spacing
     template = load_template()  # raises a clear LDAEError before any work when templates are missing
     atrophy_fields(template, cfg)  # built once here: forked workers inherit these caches
     if images and out is not None:
