@@ -42,7 +42,7 @@ def run_demo(out: str | Path, seed: int | None = None, subjects: int | None = No
              overrides: list[str] | None = None) -> Path:
     """Synthesize the cohort, run the tiny pipeline and write ``out/report.html`` + ``out/metrics.json``."""
     from ldae.data.cohort import read_cohort, summarize
-    from ldae.data.synthetic import synthesize
+    from ldae.data.synthetic import load_synth_config, synthesize
     from ldae.pipeline import run_pipeline
     from ldae.report import load_metrics, write_report
 
@@ -55,8 +55,9 @@ def run_demo(out: str | Path, seed: int | None = None, subjects: int | None = No
     cohort_dir = out / "cohort"
     log.info("demo: synthesizing %d subjects at %s mm into %s", subjects or c["subjects"], c["spacing"], cohort_dir)
     t0 = time.perf_counter()
+    synth_cfg = load_synth_config(overrides=list((c.get("synth_overrides") or {}).items()))
     synth = synthesize(cohort_dir, n_subjects=int(subjects or c["subjects"]), seed=int(cfg["seed"]),
-                       shape=c["shape"], spacing=float(c["spacing"]), progress=True)
+                       shape=c["shape"], spacing=float(c["spacing"]), cfg=synth_cfg, progress=True)
     timings: dict[str, float] = {"synth": time.perf_counter() - t0}
     run = out / "run"
     run_pipeline(cfg["preset"], synth.csv, run, overrides=[*cfg.get("overrides", []), *(overrides or [])])
