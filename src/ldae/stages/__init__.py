@@ -15,6 +15,8 @@ STAGE_MODULES: dict[str, str] = {
     "autoencoder": "ldae.stages.autoencoder",
     "diffusion": "ldae.stages.latent_diffusion",
     "representation": "ldae.stages.representation",
+    "voxel_dae": "ldae.baselines.voxel_dae",
+    "supervised": "ldae.baselines.supervised",
 }
 
 

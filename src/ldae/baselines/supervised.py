@@ -1,0 +1,296 @@
+"""Baseline: the LDAE 2.5D semantic encoder trained *with* labels (paper table 5's supervised reference).
+
+Same architecture as LDAE's encoder (:func:`ldae.nets.semantic_encoder.build_semantic_encoder`, same
+config section), with two linear heads on its output embedding e = Enc(x):
+
+- AD vs CN: one logit (positive class ``loss.positive``, AD), binary cross-entropy on the rows whose
+  diagnosis is ``loss.positive`` or ``loss.negative``; **MCI rows are ignored by this head**;
+- age: standardised age (mean/std of the training split, stored in the checkpoint) with an MSE weighted
+  by ``loss.age_weight`` on **all** rows, MCI included (0 switches the head off).
+
+The embedding e — not the head outputs — is what :meth:`SupervisedEncoder.semantic` returns, so the
+evaluation suite runs the very same linear probes on it as on LDAE's y_sem.
+
+Validation logs ``val/loss`` (selects ``best.ckpt``: the val split of small cohorts may hold one class
+only, where AUC is undefined), ``val/loss_cls``, ``val/loss_age``, ``val/accuracy``, ``val/age_mae``
+(years) and ``val/auc`` when both classes are present.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldae.config import get_dotted
+from ldae.errors import CheckpointError, ConfigError, LDAEError
+from ldae.nets.semantic_encoder import SemanticEncoder, build_semantic_encoder
+from ldae.stages.common import (
+    load_checkpoint,
+    load_state_dict_strict,
+    make_trainer,
+    prepare_run,
+    stage_metadata,
+)
+from ldae.stages.ema import freeze
+
+Tensor = torch.Tensor
+STAGE = "supervised"
+MONITOR = "val/loss"
+SECTIONS = ("data", "model", "loss", "optim", "trainer")
+
+
+class SupervisedNet(nn.Module):
+    """Semantic encoder + AD-vs-CN logit head + standardised-age head."""
+
+    def __init__(self, encoder: SemanticEncoder, head_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(float(head_dropout))
+        self.cls_head = nn.Linear(encoder.emb_dim, 1)
+        self.age_head = nn.Linear(encoder.emb_dim, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(embedding (B, E), AD logit (B,), standardised age (B,))`` of volumes in [0, 1]."""
+        e = self.encoder(x)
+        h = self.dropout(e)
+        return e, self.cls_head(h).squeeze(-1), self.age_head(h).squeeze(-1)
+
+
+def _check_loss_config(cfg: dict) -> None:
+    loss = cfg["loss"]
+    labels = list(get_dotted(cfg, "data.labels", ["CN", "MCI", "AD"]))
+    for key in ("positive", "negative"):
+        if loss.get(key) not in labels:
+            raise ConfigError(f"config key 'loss.{key}' is {loss.get(key)!r}: must be one of data.labels {labels}")
+    if loss["positive"] == loss["negative"]:
+        raise ConfigError("config keys 'loss.positive' and 'loss.negative' must differ")
+    w = loss.get("age_weight")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ConfigError(f"config key 'loss.age_weight' must be a number >= 0, got {w!r}")
+    d = get_dotted(cfg, "model.head_dropout", 0.0)
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        raise ConfigError(f"config key 'model.head_dropout' must be in [0, 1), got {d!r}")
+
+
+def build_network(cfg: dict, load_pretrained: bool = True) -> SupervisedNet:
+    """The (untrained) encoder + heads of a supervised config."""
+    if not isinstance(get_dotted(cfg, "model.semantic_encoder"), dict):
+        raise ConfigError(f"config section 'model.semantic_encoder' is missing (stage '{STAGE}')")
+    shape = get_dotted(cfg, "data.shape")
+    n_slices = get_dotted(cfg, "model.semantic_encoder.num_slices")
+    if isinstance(shape, list) and len(shape) == 3 and n_slices != shape[-1]:
+        raise ConfigError(f"config key 'model.semantic_encoder.num_slices' is {n_slices} but data.shape "
+                          f"{shape} has {shape[-1]} axial slices")
+    encoder = build_semantic_encoder(cfg["model"]["semantic_encoder"], load_pretrained=load_pretrained)
+    return SupervisedNet(encoder, float(get_dotted(cfg, "model.head_dropout", 0.0)))
+
+
+def supervised_loss(
+    logit: Tensor, age_pred: Tensor, is_pos: Tensor, labelled: Tensor, age_std: Tensor, age_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total, classification, age)`` losses of one batch.
+
+    Args:
+        logit: AD logits ``(B,)``.
+        age_pred: predicted standardised ages ``(B,)``.
+        is_pos: 1.0 for the positive class (AD), 0.0 otherwise.
+        labelled: True for rows of the positive or negative class (MCI rows: False, no class loss).
+        age_std: standardised true ages ``(B,)``.
+        age_weight: weight of the age MSE.
+    """
+    if bool(labelled.any()):
+        cls = F.binary_cross_entropy_with_logits(logit[labelled].float(), is_pos[labelled].float())
+    else:
+        cls = logit.sum() * 0.0  # keeps the graph (and DDP) happy on an all-MCI batch
+    age = F.mse_loss(age_pred.float(), age_std.float())
+    return cls + float(age_weight) * age, cls, age
+
+
+class SupervisedModule(pl.LightningModule):
+    """Trains :class:`SupervisedNet`; ``age_mean``/``age_std`` standardise the age target."""
+
+    def __init__(self, cfg: dict, age_mean: float, age_std: float) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.net = build_network(cfg)
+        self.age_mean, self.age_std = float(age_mean), float(age_std)
+        self.positive, self.negative = str(cfg["loss"]["positive"]), str(cfg["loss"]["negative"])
+        self.age_weight = float(cfg["loss"]["age_weight"])
+        self._val: dict[str, list[Tensor]] = {}
+
+    def targets(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """``(is_pos, labelled, standardised age)`` tensors of a batch on the module's device."""
+        diagnosis = list(batch["diagnosis"])
+        is_pos = torch.tensor([d == self.positive for d in diagnosis], device=self.device)
+        labelled = torch.tensor([d in (self.positive, self.negative) for d in diagnosis], device=self.device)
+        age = torch.as_tensor(batch["age"], dtype=torch.float32, device=self.device)
+        return is_pos.float(), labelled, (age - self.age_mean) / self.age_std
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        _, logit, age_pred = self.net(batch["image"])
+        is_pos, labelled, age = self.targets(batch)
+        loss, cls, age_loss = supervised_loss(logit, age_pred, is_pos, labelled, age, self.age_weight)
+        b = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=b)
+        self.log_dict({"train/loss_cls": cls, "train/loss_age": age_loss}, on_step=False, on_epoch=True, batch_size=b)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.cfg["optim"]
+        return torch.optim.AdamW(self.net.parameters(), lr=float(o["lr"]),
+                                 betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),
+                                 weight_decay=float(o.get("weight_decay", 0.0)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"logit": [], "age_pred": [], "is_pos": [], "labelled": [], "age": []}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, logit, age_pred = self.net(batch["image"])
+        is_pos, labelled, age = self.targets(batch)
+        for key, value in zip(self._val, (logit, age_pred, is_pos, labelled, age)):
+            self._val[key].append(value.detach().float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val["logit"]:
+            return
+        v = {k: torch.cat(vals) for k, vals in self._val.items()}
+        labelled = v["labelled"].bool()
+        loss, cls, age = supervised_loss(v["logit"], v["age_pred"], v["is_pos"], labelled, v["age"], self.age_weight)
+        metrics = {"val/loss_cls": cls, "val/loss_age": age,
+                   "val/age_mae": (v["age_pred"] - v["age"]).abs().mean() * self.age_std}
+        if labelled.any():
+            pred = (v["logit"][labelled] > 0).float()
+            metrics["val/accuracy"] = (pred == v["is_pos"][labelled]).float().mean()
+            pos = v["is_pos"][labelled].bool()
+            if pos.any() and (~pos).any():
+                from sklearn.metrics import roc_auc_score
+
+                metrics["val/auc"] = torch.tensor(float(roc_auc_score(pos.numpy(), v["logit"][labelled].numpy())))
+        self.log_dict(metrics, prog_bar=False)
+        self.log(MONITOR, loss, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = stage_metadata(self.cfg, STAGE)
+        meta.update(age_mean=self.age_mean, age_std=self.age_std, positive=self.positive, negative=self.negative,
+                    spacing=self.cfg["data"]["spacing"], shape=[int(s) for s in self.cfg["data"]["shape"]])
+        checkpoint["ldae"] = meta
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def _validate(cfg: dict) -> None:
+    for section in SECTIONS:
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
+    if not get_dotted(cfg, "data.csv"):
+        raise ConfigError("config key 'data.csv' is not set: pass --data.csv COHORT.csv")
+    _check_loss_config(cfg)
+
+
+def age_statistics(ages: Any) -> tuple[float, float]:
+    """Mean and (population) std of the training ages; std 1 when it is 0 (a single age)."""
+    a = np.asarray(ages, dtype=np.float64)
+    std = float(a.std())
+    return float(a.mean()), (std if std > 1e-6 else 1.0)
+
+
+def fit(cfg: dict, resume: bool = False) -> Path:
+    """Train the supervised encoder; return ``out/checkpoints/best.ckpt`` (lowest ``val/loss``)."""
+    from ldae.baselines.voxel_dae import make_datamodule
+    from ldae.stages.autoencoder import resolve_precision
+
+    cfg = copy.deepcopy(cfg)
+    _validate(cfg)
+    cfg["trainer"]["precision"] = resolve_precision(cfg["trainer"])
+    datamodule = make_datamodule(cfg)
+    train = datamodule.rows("train")
+    n_labelled = int(train["diagnosis"].isin([cfg["loss"]["positive"], cfg["loss"]["negative"]]).sum())
+    if n_labelled == 0:
+        raise ConfigError(f"{cfg['data']['csv']}: the train split has no {cfg['loss']['negative']} or "
+                          f"{cfg['loss']['positive']} rows to learn from")
+    age_mean, age_std = age_statistics(train["age"])
+    out, resume_ckpt = prepare_run(cfg, resume)
+    pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    module = SupervisedModule(cfg, age_mean, age_std)
+    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="min")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    best = out / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
+                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
+    return best
+
+
+# ---------------------------------------------------------------------- inference
+
+
+@dataclass
+class SupervisedEncoder:
+    """A trained supervised encoder: ``semantic(x)`` gives the embedding the probes are run on."""
+
+    net: SupervisedNet
+    age_mean: float
+    age_std: float
+    positive: str
+    negative: str
+    spacing: Any
+    shape: tuple[int, ...]
+    cfg: dict
+    checkpoint: Path | None = field(default=None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def load_volume(self, path: str | Path) -> tuple[Tensor, np.ndarray]:
+        """A model-ready scan ``(1, 1, D, H, W)`` on the model's device and its affine."""
+        from ldae.data.transforms import load_model_ready
+
+        vol = load_model_ready(path, self.spacing, self.shape)
+        return vol.as_tensor()[None].to(self.device), np.asarray(vol.affine, dtype=np.float64)
+
+    def _check(self, x: Tensor) -> Tensor:
+        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(self.shape):
+            raise LDAEError(f"expected volumes of shape (B, 1, {', '.join(map(str, self.shape))}), "
+                            f"got {tuple(x.shape)}")
+        return x.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def semantic(self, x: Tensor) -> Tensor:
+        """Encoder embedding ``(B, emb_dim)`` of volumes in [0, 1] (the heads are not applied)."""
+        return self.net.encoder(self._check(x))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(P(positive class), age in years)`` from the trained heads."""
+        _, logit, age = self.net(self._check(x))
+        return torch.sigmoid(logit), age * self.age_std + self.age_mean
+
+
+def load_supervised(ckpt_path: str | Path, device: str | torch.device = "cpu") -> SupervisedEncoder:
+    """The encoder + heads of a supervised checkpoint (strict load, frozen, eval mode). CheckpointError for
+    another stage's checkpoint or mismatching weights."""
+    ckpt = load_checkpoint(ckpt_path, stage=STAGE)
+    meta, state = ckpt["ldae"], ckpt.get("state_dict")
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict) or not isinstance(state, dict) or "age_mean" not in meta:
+        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its config, state_dict or age statistics")
+    net = build_network(cfg, load_pretrained=False)
+    weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    load_state_dict_strict(net, weights, str(ckpt_path))
+    freeze(net.to(device))
+    return SupervisedEncoder(net=net, age_mean=float(meta["age_mean"]), age_std=float(meta["age_std"]),
+                             positive=str(meta["positive"]), negative=str(meta["negative"]),
+                             spacing=cfg["data"]["spacing"], shape=tuple(int(s) for s in cfg["data"]["shape"]),
+                             cfg=cfg, checkpoint=Path(ckpt_path))
