@@ -121,8 +121,11 @@ def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 
 
 def discriminator_logits(discriminator: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The patch logits (last output) of a MONAI PatchDiscriminator, in float32."""
-    return discriminator(x.float())[-1].float()
+    """The patch logits (last output) of a MONAI PatchDiscriminator, computed in float32 with autocast off:
+    under bf16 autocast the least-squares adversarial terms overflowed to NaN within an epoch of the
+    adversary switching on (tiny preset, CPU)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return discriminator(x.float())[-1].float()
 
 
 # --------------------------------------------------------------------------- weight loading
