@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "ldae.commands.evaluate",
     "predict": "ldae.commands.predict",
     "demo": "ldae.commands.demo",
+    "bench": "ldae.commands.bench",
 }
 
 
