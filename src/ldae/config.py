@@ -3,7 +3,8 @@
 A preset file may name a parent with ``_inherit: <preset>/<stage>.yaml`` (relative to the packaged
 ``configs`` folder); the child is deep-merged over the parent, so ``tiny`` states only what differs from
 ``paper``. Overrides such as ``--trainer.max_epochs 3`` replace one leaf; the key must already exist (a
-typo is an error, not a silently ignored setting). The fully resolved config is saved beside every run.
+typo is an error, not a silently ignored setting), except that ``trainer`` also takes any other Lightning
+``Trainer`` argument (``--trainer.strategy ddp``). The fully resolved config is saved beside every run.
 """
 
 from __future__ import annotations
@@ -146,10 +147,21 @@ def set_dotted(cfg: dict, key: str, value: Any, strict: bool = True) -> None:
             node[part] = {}
         node = node[part]
     leaf = parts[-1]
-    if strict and leaf not in node:
+    if strict and leaf not in node and not (parts[:-1] == ["trainer"] and leaf in trainer_arguments()):
         known = ", ".join(sorted(node)) or "none"
-        raise ConfigError(f"unknown config key '{key}' (known here: {known})")
+        also = "; or any lightning Trainer argument" if parts[:-1] == ["trainer"] else ""
+        raise ConfigError(f"unknown config key '{key}' (known here: {known}{also})")
     node[leaf] = value
+
+
+def trainer_arguments() -> set[str]:
+    """Names of ``lightning.pytorch.Trainer``'s arguments: the ``trainer`` section is passed straight to it,
+    so e.g. ``--trainer.strategy ddp`` or ``--trainer.num_nodes 2`` are valid overrides."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    return set(inspect.signature(Trainer.__init__).parameters) - {"self"}
 
 
 def get_dotted(cfg: dict, key: str, default: Any = None) -> Any:

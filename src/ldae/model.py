@@ -67,6 +67,7 @@ class LDAE:
         meta = load_checkpoint(rep_ckpt, stage="representation")["ldae"]
         ldm_ckpt = _existing(meta.get("diffusion_checkpoint"), run, "diffusion")
         ldm = load_latent_diffusion(ldm_ckpt, device)
+        _check_same_diffusion(meta, ldm, rep_ckpt, ldm_ckpt)
         ae_ckpt = _existing(ldm.autoencoder_checkpoint, run, "autoencoder")
         autoencoder, ae_cfg = load_autoencoder(ae_ckpt, device)
         stats_path = Path(rep_ckpt).parent / YSEM_STATS
@@ -221,6 +222,25 @@ class LDAE:
         if y_sem is not None:
             y_sem = y_sem.to(self.device).expand(int(n), -1)
         return self.decode(y_sem, z_T, steps)
+
+
+def _check_same_diffusion(meta: dict, ldm: Any, rep_ckpt: Path, ldm_ckpt: Path) -> None:
+    """CheckpointError unless the representation stage is loaded on the diffusion model it was trained on
+    (same UNet configuration and, when recorded, the same weights)."""
+    from ldae.stages.common import weights_fingerprint
+
+    unet_cfg = meta.get("unet_config")
+    if unet_cfg is not None and dict(unet_cfg) != dict(ldm.unet.config):
+        raise CheckpointError(
+            f"{rep_ckpt}: was trained on a diffusion UNet of another configuration (preset "
+            f"'{meta.get('preset')}') than the one in {ldm_ckpt} (preset '{ldm.cfg.get('preset')}')"
+        )
+    expected = meta.get("diffusion_fingerprint")
+    if expected and expected != weights_fingerprint(ldm.unet):
+        raise CheckpointError(
+            f"{rep_ckpt}: was trained on other diffusion weights than those in {ldm_ckpt} "
+            "(weights fingerprint differs): retrain stage 3 on this diffusion model or restore the original one"
+        )
 
 
 def _existing(path: str | None, run: str | Path, stage: str) -> Path:

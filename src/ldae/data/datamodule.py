@@ -7,6 +7,7 @@ absent) and serve dict batches: ``image`` or ``latent`` plus ``subject``, ``sess
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def read_latent(path: str | Path, expected_shape: Sequence[int] | None = None) -
     try:
         with np.load(path) as npz:
             latent = np.asarray(npz["latent"], dtype=np.float32)
-    except (OSError, KeyError, ValueError, EOFError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise CohortError(f"{path}: cannot read latent NPZ ({str(exc).splitlines()[0] or type(exc).__name__})") from None
     if expected_shape is not None and tuple(latent.shape) != tuple(expected_shape):
         raise CohortError(

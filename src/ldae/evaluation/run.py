@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from ldae.errors import LDAEError
-from ldae.io import write_csv, write_json
+from ldae.io import write_csv, write_json, write_npz
 
 log = logging.getLogger(__name__)
 GT_VOLUMES = ("ventricle_volume_ml", "hippocampus_volume_ml", "brain_volume_ml")
@@ -356,7 +356,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     for v in probes.values():
         v.pop("_fit", None)
     save_probes(out / "probes.json", ad_fit, age_fit)
-    np.savez_compressed(out / "embeddings.npz", y_sem=learned, untrained=untrained, index=np.asarray(all_rows))
+    write_npz(out / "embeddings.npz", y_sem=learned, untrained=untrained, index=np.asarray(all_rows))
     metrics["probe"] = probes
     plot_lda(out / "lda.png", lda_projection(learned, df["diagnosis"].to_numpy(), (df["split"] == "train").to_numpy()),
              df["diagnosis"].to_numpy(), split=df["split"].to_numpy())

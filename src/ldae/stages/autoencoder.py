@@ -189,8 +189,9 @@ class AutoencoderModule(pl.LightningModule):
             recon = self.autoencoder.reconstruct(x.float()).float().clamp(0.0, 1.0)
         metrics = reconstruction_metrics(recon, x.float())
         self.log_dict({f"val/{k}": v.mean() for k, v in metrics.items()}, on_epoch=True,
-                      batch_size=x.shape[0], prog_bar=True)
-        if not self._mosaic_saved and not self.trainer.sanity_checking and self.out is not None:
+                      batch_size=x.shape[0], prog_bar=True, sync_dist=True)
+        if (not self._mosaic_saved and not self.trainer.sanity_checking and self.out is not None
+                and self.trainer.is_global_zero):
             self._save_mosaic(x[0], recon[0], float(metrics["ssim"][0]))
             self._mosaic_saved = True
 
@@ -245,6 +246,8 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
     cfg["trainer"]["precision"] = resolve_precision(cfg["trainer"])
+    if cfg["trainer"].get("strategy") == "ddp":  # each of the two backward passes leaves one network unused
+        cfg["trainer"]["strategy"] = "ddp_find_unused_parameters_true"
     perceptual = build_perceptual_loss(cfg["loss"])
     cfg["loss"]["perceptual_status"] = perceptual.status
     data = cfg["data"]

@@ -50,7 +50,10 @@ def prepare_run(cfg: dict, resume: bool = False) -> tuple[Path, Path | None]:
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    return out, (last if resume and last.is_file() else None)
+    resume_ckpt = last if resume and last.is_file() else None
+    if resume_ckpt is None:  # a fresh run: drop the log of an attempt that died before its first checkpoint
+        (out / "logs" / "metrics.csv").unlink(missing_ok=True)
+    return out, resume_ckpt
 
 
 def make_checkpoint_io():
@@ -65,6 +68,44 @@ def make_checkpoint_io():
     return AtomicCheckpointIO()
 
 
+def make_csv_logger(out: Path):
+    """Lightning's CSVLogger for ``out/logs/metrics.csv``, except that it appends to an existing file (a
+    resumed run keeps its history; Lightning's own deletes it) and rewrites it atomically when new
+    columns appear."""
+    import csv
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # Lightning deletes metrics.csv here
+            path = Path(self.metrics_file_path)
+            if path.is_file():
+                with path.open(newline="") as fh:
+                    self.metrics_keys = next(csv.reader(fh), [])
+
+        def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+            with open(self.metrics_file_path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            with atomic_path(self.metrics_file_path) as tmp:
+                with tmp.open("w", newline="") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=fieldnames)
+                    writer.writeheader()
+                    writer.writerows(rows)
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> AppendingWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(str(out), name="logs", version="")
+
+
 def make_trainer(
     cfg: dict,
     out: Path,
@@ -76,22 +117,30 @@ def make_trainer(
     """A Lightning Trainer from ``cfg['trainer']``, checkpointing best (by ``monitor``) and last."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     tcfg = dict(cfg.get("trainer", {}))
-    ckpt = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=out / "checkpoints",
         filename="best",
         monitor=monitor,
         mode=mode,
-        save_last=True,
         save_top_k=1,
+        enable_version_counter=False,
+    )
+    # A separate unmonitored callback: Lightning's own ``save_last`` only rewrites last.ckpt when a top-k
+    # checkpoint was saved at that step, so the resume point would lag behind every non-improving epoch.
+    last = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
     kwargs: dict[str, Any] = {
         "default_root_dir": str(out),
-        "logger": CSVLogger(str(out), name="logs", version=""),
-        "callbacks": [ckpt, *(callbacks or [])],
+        "logger": make_csv_logger(out),
+        "callbacks": [best, last, *(callbacks or [])],
         "plugins": [make_checkpoint_io()],
         "enable_model_summary": False,
     }
@@ -124,6 +173,19 @@ def load_checkpoint(path: str | os.PathLike, stage: str | None = None) -> dict:
                 f"{path}: this is a checkpoint of stage '{found or 'unknown'}', expected stage '{stage}'"
             )
     return ckpt
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, shapes, dtypes, bytes): names the exact weights that a
+    later stage was trained on, so that loading it on other weights can be refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_state_dict_strict(module: torch.nn.Module, state: dict, source: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def _up_to_date(npz: Path, image: Path, ckpt: Path, sha: str, expected_shape: Se
                 str(data["autoencoder_sha256"]) == sha
                 and tuple(data["latent"].shape) == tuple(expected_shape)
             )
-    except (OSError, KeyError, ValueError, EOFError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return False
 
 

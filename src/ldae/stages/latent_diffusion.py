@@ -154,8 +154,8 @@ class LatentDiffusionModule(pl.LightningModule):
         loss = self.diffusion_loss(self.ema.module, z0, gen)
         gen.set_state(state)
         raw = self.diffusion_loss(self.unet, z0, gen)
-        self.log(MONITOR, loss, prog_bar=True, on_epoch=True, batch_size=z0.shape[0])
-        self.log("val/loss_raw", raw, on_epoch=True, batch_size=z0.shape[0])
+        self.log(MONITOR, loss, prog_bar=True, on_epoch=True, batch_size=z0.shape[0], sync_dist=True)
+        self.log("val/loss_raw", raw, on_epoch=True, batch_size=z0.shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         every = int(get_dotted(self.cfg, "validation.sample_every_n_epochs", 0) or 0)
@@ -248,6 +248,7 @@ def fit(cfg: dict, resume: bool = False) -> Path:
         if datamodule.rows(split).empty:
             raise ConfigError(f"{data['csv']}: the '{split}' split is empty (check the CSV's split column "
                               "or data.val_fraction)")
+    datamodule.setup("fit")  # reads every latent: a bad NPZ fails here, before a run folder is created
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     module = LatentDiffusionModule(cfg, meta["scale_factor"], meta["latent_shape"], meta["autoencoder_checkpoint"])
     out, resume_ckpt = prepare_run(cfg, resume)

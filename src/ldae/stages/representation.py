@@ -35,6 +35,7 @@ from ldae.stages.common import (
     make_trainer,
     prepare_run,
     stage_metadata,
+    weights_fingerprint,
 )
 from ldae.stages.ema import EMA, freeze
 
@@ -57,6 +58,7 @@ class RepresentationModule(pl.LightningModule):
         self.diffusion_checkpoint = str(diffusion_checkpoint)
         ldm = load_latent_diffusion(diffusion_checkpoint)
         self._ldm = [ldm]  # a list: kept out of children/state_dict, never put in train mode
+        self.diffusion_fingerprint = weights_fingerprint(ldm.unet)  # LDAE.load checks it
         self.schedule = ldm.schedule
         self.scale_factor = ldm.scale_factor
         self.latent_shape = list(ldm.latent_shape)
@@ -159,6 +161,7 @@ class RepresentationModule(pl.LightningModule):
         meta = stage_metadata(self.cfg, STAGE)
         meta.update(
             diffusion_checkpoint=self.diffusion_checkpoint,
+            diffusion_fingerprint=self.diffusion_fingerprint,
             autoencoder_checkpoint=self.autoencoder_checkpoint,
             scale_factor=self.scale_factor,
             latent_shape=self.latent_shape,
@@ -215,6 +218,7 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     for split in ("train", "val"):
         if datamodule.rows(split).empty:
             raise ConfigError(f"{data['csv']}: the '{split}' split is empty")
+    datamodule.setup("fit")  # reads every latent: a bad NPZ fails here, before a run folder is created
     out, resume_ckpt = prepare_run(cfg, resume)
     trainer = make_trainer(cfg, out, monitor=MONITOR, mode="max")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
