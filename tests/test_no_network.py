@@ -35,6 +35,9 @@ SHORT_EVALUATION = [
 def no_network(monkeypatch: pytest.MonkeyPatch):
     """Disable ``socket.socket``, ``socket.create_connection`` and ``socket.getaddrinfo``; yield the list of
     attempts, which must be empty at the end of the test."""
+    import lightning.pytorch  # noqa: F401
+    import monai  # noqa: F401  (imports urllib3, whose import-time IPv6 probe binds a loopback socket)
+
     attempts: list[str] = []
 
     def refuse(what: str):
@@ -93,8 +96,8 @@ def test_whole_tiny_run_without_network(no_network: list[str], tmp_path: Path,
     from ldae.pipeline import run_pipeline
     from ldae.runs import COMPRESSED_CSV, stage_dir
 
-    csv = write_phantom_cohort(tmp_path / "cohort", n_subjects=9, sessions=(0, 12, 24), seed=0)
-    write_cohort(assign_splits(read_cohort(csv), test_fraction=0.25, val_fraction=0.15, seed=0), csv)
+    csv = write_phantom_cohort(tmp_path / "cohort", n_subjects=15, sessions=(0, 12, 24), seed=0)
+    write_cohort(assign_splits(read_cohort(csv), test_fraction=0.2, val_fraction=0.17, seed=0), csv)
     run = tmp_path / "run"
     run_pipeline("tiny", csv, run, overrides=SHORT_RUN,
                  steps=("autoencoder", "compress", "diffusion", "representation"))
