@@ -20,7 +20,9 @@ from ldae.runs import COMPRESSED_CSV, stage_dir
 
 log = logging.getLogger(__name__)
 
-PIPELINE_STEPS = ("autoencoder", "compress", "diffusion", "representation", "evaluation")
+PIPELINE_STEPS = ("autoencoder", "compress", "diffusion", "representation", "voxel_dae", "supervised", "evaluation")
+#: the baselines (paper tables 5 and 7) are optional steps: they cost more than the method itself on a CPU
+DEFAULT_STEPS = ("autoencoder", "compress", "diffusion", "representation", "evaluation")
 DONE = "done.json"
 
 
@@ -58,7 +60,7 @@ def run_pipeline(
     csv: str | Path,
     out: str | Path,
     overrides: Sequence[str] = (),
-    steps: Sequence[str] = PIPELINE_STEPS,
+    steps: Sequence[str] = DEFAULT_STEPS,
     on_step: Callable[[str, str], None] | None = None,
 ) -> dict[str, float]:
     """Run (or resume) the pipeline; return seconds spent per step in this call (0 for skipped ones)."""
@@ -102,6 +104,9 @@ def run_pipeline(
             cfg = _stage_cfg(preset, step, out, latents_csv, per_step)
             if step == "representation":
                 cfg["diffusion_checkpoint"] = str(_best(out, "diffusion"))
+            info["best"] = str(fit(cfg, resume=(folder / "checkpoints" / "last.ckpt").is_file()))
+        elif step in ("voxel_dae", "supervised"):  # baselines train on the images, like stage 1
+            cfg = _stage_cfg(preset, step, out, csv, per_step)
             info["best"] = str(fit(cfg, resume=(folder / "checkpoints" / "last.ckpt").is_file()))
         elif step == "evaluation":
             from ldae.evaluation.run import evaluate

@@ -4,6 +4,8 @@
     RUN/latents/          `ldae compress` output (cohort_with_compressed_latent.csv, latent_meta.json, *.npz)
     RUN/diffusion/        stage 2 run
     RUN/representation/   stage 3 run
+    RUN/voxel_dae/        baseline: voxel-space diffusion autoencoder (optional)
+    RUN/supervised/       baseline: the same encoder trained with labels (optional)
     RUN/evaluation/       `ldae evaluate` output (metrics.json, probes, figures)
 
 A stage folder may also be given directly wherever a run is expected.
@@ -20,6 +22,8 @@ STAGE_DIRS = {
     "latents": "latents",
     "diffusion": "diffusion",
     "representation": "representation",
+    "voxel_dae": "voxel_dae",
+    "supervised": "supervised",
     "evaluation": "evaluation",
 }
 COMPRESSED_CSV = "cohort_with_compressed_latent.csv"

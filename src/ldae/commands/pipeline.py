@@ -13,17 +13,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", required=True, help="cohort CSV")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--steps", nargs="+", default=None,
-                   help="subset of steps: autoencoder compress diffusion representation evaluation")
+                   help="steps to run (default: autoencoder compress diffusion representation evaluation; "
+                        "add voxel_dae supervised for the baselines)")
     p.epilog = ("Overrides are prefixed by the step: --autoencoder.trainer.max_epochs 3, "
                 "--representation.optim.lr 1e-4, --compress.batch_size 4")
 
 
 def run(args: argparse.Namespace) -> int:
     from ldae.io import write_json
-    from ldae.pipeline import PIPELINE_STEPS, run_pipeline
+    from ldae.pipeline import DEFAULT_STEPS, run_pipeline
 
     timings = run_pipeline(args.preset, args.csv, args.out, overrides=args.overrides,
-                           steps=args.steps or PIPELINE_STEPS)
+                           steps=args.steps or DEFAULT_STEPS)
     write_json(f"{args.out}/timings.json", timings)
     print("pipeline finished: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return 0

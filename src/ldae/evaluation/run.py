@@ -420,7 +420,7 @@ def baselines_section(run: Path, scans: ScanCache, df: pd.DataFrame, cfg: dict, 
     for name, module_name, loader in (("voxel_dae", "ldae.baselines.voxel_dae", "load_voxel_dae"),
                                       ("supervised", "ldae.baselines.supervised", "load_supervised")):
         try:
-            ckpt = find_checkpoint(run / name, name)
+            ckpt = find_checkpoint(run, name)
         except (CheckpointError, KeyError):
             out[name] = None
             continue
