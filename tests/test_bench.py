@@ -28,6 +28,7 @@ from ldae.bench import (
     options_from_config,
     recommend,
     time_call,
+    time_pair,
     voxel_reconstruction,
 )
 from ldae.cli import main
@@ -77,6 +78,15 @@ def test_time_call_counts_runs():
     out = time_call(lambda: (calls.append(1), time.sleep(0.01)), CPU, repeats=3, warmup=2)
     assert len(calls) == 5 and len(out["runs_s"]) == 3
     assert 0.01 <= out["min_s"] <= out["s"]
+
+
+def test_time_pair_alternates_and_compares_fastest_runs():
+    order = []
+    a, b, speedup = time_pair(lambda: (order.append("a"), time.sleep(0.02)), lambda: (order.append("b"), time.sleep(0.01)),
+                              CPU, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4
+    assert len(a["runs_s"]) == len(b["runs_s"]) == 3
+    assert speedup == pytest.approx(a["min_s"] / b["min_s"]) and 1.2 < speedup < 2.5
 
 
 def test_peak_memory_sees_a_known_allocation():
@@ -224,6 +234,7 @@ def test_bench_tiny_end_to_end(tmp_path: Path, capsys, one_thread):
     assert res["unet"]["latent_shape"] == [3, 8, 10, 8]
     for key in ("bf16_autocast", "channels_last_3d"):
         _positive(res["unet"]["variants"][key], "s", "speedup")
+    _positive(res["unet"]["variants"]["bf16_autocast"], "gflops", "fraction_of_bf16_peak")
     assert res["unet"]["variants"]["channels_last_3d"]["rel_diff"] < 1e-4  # same fp32 arithmetic
     assert res["unet"]["compile"]["status"] == "skipped"
     sh = res["shared_step"]

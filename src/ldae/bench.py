@@ -25,6 +25,7 @@ before, i.e. activations and workspace, not weights. Times are medians over ``re
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import json
@@ -202,6 +203,29 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
         synchronize(device)
         runs.append(time.perf_counter() - t0)
     return {"s": statistics.median(runs), "min_s": min(runs), "runs_s": runs}
+
+
+def time_pair(base: Callable[[], Any], other: Callable[[], Any], device: torch.device, repeats: int,
+              warmup: int = 0) -> tuple[dict, dict, float]:
+    """Time two calls alternately (so that a drifting machine load hits both alike):
+    ``(base timing, other timing, speedup = fastest base / fastest other)``."""
+    for _ in range(warmup):
+        base()
+        other()
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(repeats):
+        for fn, runs in ((base, a), (other, b)):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            runs.append(time.perf_counter() - t0)
+
+    def summary(runs: list[float]) -> dict:
+        return {"s": statistics.median(runs), "min_s": min(runs), "runs_s": runs}
+
+    return summary(a), summary(b), min(a) / min(b)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -429,28 +453,34 @@ def bench_unet(unet: nn.Module, z: Tensor, t: Tensor, gflop: float, peak: float 
     return out
 
 
-def bench_variants(unet: nn.Module, z: Tensor, t: Tensor, fp32_s: float, opts: BenchOptions,
-                   device: torch.device) -> dict:
-    """bf16 autocast and channels-last-3d against fp32: latency, speedup, output difference."""
+def bench_variants(unet: nn.Module, z: Tensor, t: Tensor, opts: BenchOptions, device: torch.device) -> dict:
+    """bf16 autocast and channels-last-3d, each timed alternately with fp32 eager: latency, speedup (fastest
+    fp32 run / fastest variant run), output difference."""
     ref = unet(z, t)
     out: dict[str, Any] = {}
+
+    def fp32() -> Tensor:
+        return unet(z, t)
+
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         out["bf16_autocast"] = {"status": "skipped", "reason": "bf16 not supported by this GPU"}
     else:
         def bf16() -> Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return unet(z, t)
-        timing = time_call(bf16, device, opts.repeats, opts.warmup)
-        out["bf16_autocast"] = {"status": "ok", **timing, "speedup": fp32_s / timing["s"], **_diffs(bf16(), ref)}
+        base, timing, speedup = time_pair(fp32, bf16, device, opts.repeats, opts.warmup)
+        out["bf16_autocast"] = {"status": "ok", **timing, "fp32_s": base["s"], "speedup": speedup,
+                                **_diffs(bf16(), ref)}
     cl = torch.channels_last_3d
-    unet.to(memory_format=cl)
-    try:
-        z_cl = z.contiguous(memory_format=cl)
-        timing = time_call(lambda: unet(z_cl, t), device, opts.repeats, opts.warmup)
-        diffs = _diffs(unet(z_cl, t), ref)
-    finally:
-        unet.to(memory_format=torch.contiguous_format)
-    out["channels_last_3d"] = {"status": "ok", **timing, "speedup": fp32_s / timing["s"], **diffs}
+    z_cl = z.contiguous(memory_format=cl)
+    unet_cl = copy.deepcopy(unet).to(memory_format=cl)  # a copy, so that the two can alternate
+
+    def channels_last() -> Tensor:
+        return unet_cl(z_cl, t)
+
+    base, timing, speedup = time_pair(fp32, channels_last, device, opts.repeats, opts.warmup)
+    out["channels_last_3d"] = {"status": "ok", **timing, "fp32_s": base["s"], "speedup": speedup,
+                               **_diffs(channels_last(), ref)}
     return out
 
 
@@ -468,11 +498,10 @@ def bench_shared(model: Any, z: Tensor, t: Tensor, gflop: dict, opts: BenchOptio
         _, skips, _ = unet.encode(z, t)  # G_ψ's own encoder pass
         return eps - scale * shift(skips, t, y)
 
-    a = time_call(lambda: shared(z, t), device, opts.repeats, opts.warmup)
-    b = time_call(separate, device, opts.repeats, opts.warmup)
+    a, b, ratio = time_pair(lambda: shared(z, t), separate, device, opts.repeats, opts.warmup)
     return {"shared": {**a, "gflop": gflop["conditional_step_shared"]},
             "separate": {**b, "gflop": gflop["conditional_step_separate"]},
-            "ratio": b["s"] / a["s"],
+            "ratio": ratio,  # fastest separate / fastest shared, timed alternately
             "flop_ratio": gflop["conditional_step_separate"] / gflop["conditional_step_shared"],
             "max_abs_diff": _max_abs(shared(z, t), separate())}
 
@@ -558,7 +587,8 @@ def bench_decode(model: Any, opts: BenchOptions, device: torch.device, gflop: fl
         out["bf16_autocast"] = {"status": "skipped", "reason": "bf16 not supported by this GPU"}
     else:
         res, x16 = measure(True)
-        out["bf16_autocast"] = {"status": "ok", **res, "speedup": out["fp32"]["s"] / res["s"], **_diffs(x16, ref)}
+        out["bf16_autocast"] = {"status": "ok", **res, "speedup": out["fp32"]["min_s"] / res["min_s"],
+                                **_diffs(x16, ref)}
     return out
 
 
@@ -600,16 +630,15 @@ def _compile_worker(request_path: str, result_path: str) -> None:
     z, t = _unet_inputs(cfgs, device, int(req["seed"]))
     repeats, warmup = int(req["repeats"]), int(req["warmup"])
     with torch.no_grad():
-        eager = time_call(lambda: unet(z, t), device, repeats, warmup)
         ref = unet(z, t)
         compiled = torch.compile(unet)
         t0 = time.perf_counter()
         out = compiled(z, t)
         synchronize(device)
         compile_s = time.perf_counter() - t0
-        timing = time_call(lambda: compiled(z, t), device, repeats, warmup)
+        eager, timing, speedup = time_pair(lambda: unet(z, t), lambda: compiled(z, t), device, repeats, warmup)
     write_json(result_path, {"status": "ok", "compile_s": compile_s, **timing, "eager_s": eager["s"],
-                             "speedup": eager["s"] / timing["s"], **_diffs(out, ref)})
+                             "speedup": speedup, **_diffs(out, ref)})
 
 
 # ----------------------------------------------------------------------------- recommendation
@@ -700,7 +729,12 @@ def _ldae_sections(res: dict, on: list[str], cfgs: PresetConfigs, opts: BenchOpt
         res["unet"] = bench_unet(model.unet, z, t, gflop["unet_forward"], peak, opts, device)
         if "variants" in on:
             log.info("bench: bf16 autocast / channels-last-3d")
-            res["unet"]["variants"] = bench_variants(model.unet, z, t, res["unet"]["s"], opts, device)
+            variants = bench_variants(model.unet, z, t, opts, device)
+            bf16, bf16_peak = variants["bf16_autocast"], (res.get("gemm") or {}).get("bf16_gflops")
+            if bf16.get("status") == "ok":
+                bf16["gflops"] = gflop["unet_forward"] / bf16["s"]
+                bf16["fraction_of_bf16_peak"] = bf16["gflops"] / bf16_peak if bf16_peak else None
+            res["unet"]["variants"] = variants
     if "shared" in on:
         log.info("bench: shared-encoder conditional step")
         res["shared_step"] = bench_shared(model, z, t, gflop, opts, device)
@@ -793,7 +827,11 @@ def table_rows(res: dict) -> list[tuple[str, str, str]]:
                      + (f" ({frac:.0%} of fp32 peak)" if frac else "")))
         labels = {"bf16_autocast": "UNet step bf16 autocast", "channels_last_3d": "UNet step channels-last-3d"}
         for key, entry in (u.get("variants") or {}).items():
-            rows.append(_variant_row(labels[key], entry))
+            row = _variant_row(labels[key], entry)
+            if entry.get("fraction_of_bf16_peak"):
+                row = (row[0], row[1], row[2] + f"; {entry['gflops']:.1f} GFLOP/s "
+                       f"({entry['fraction_of_bf16_peak']:.0%} of bf16 peak)")
+            rows.append(row)
         if "compile" in u:
             c = u["compile"]
             row = _variant_row("UNet step torch.compile", c)
@@ -846,7 +884,7 @@ def table_rows(res: dict) -> list[tuple[str, str, str]]:
 def _variant_row(label: str, entry: dict) -> tuple[str, str, str]:
     if entry.get("status") != "ok":
         return label, entry.get("status", "-"), entry.get("reason", "")
-    return label, _s(entry["s"]), (f"{entry['speedup']:.2f}x vs fp32, max |diff| {entry['max_abs_diff']:.2e} "
+    return label, _s(entry["s"]), (f"{entry['speedup']:.2f}x vs fp32 (timed alternately), max |diff| {entry['max_abs_diff']:.2e} "
                                    f"({entry['rel_diff']:.2%} of std)")
 
 
