@@ -239,6 +239,7 @@ def test_bench_tiny_end_to_end(tmp_path: Path, capsys, one_thread):
     assert res["unet"]["compile"]["status"] == "skipped"
     sh = res["shared_step"]
     _positive(sh, "ratio", "flop_ratio")
+    assert sh["ratio"] == pytest.approx(sh["separate"]["min_s"] / sh["shared"]["min_s"])
     assert sh["max_abs_diff"] < 1e-4  # sharing the encoder pass does not change ε̂
     assert sh["flop_ratio"] > 1.0  # the separate passes repeat the encoder
     rec = res["reconstruction"]

@@ -498,7 +498,7 @@ def bench_shared(model: Any, z: Tensor, t: Tensor, gflop: dict, opts: BenchOptio
         _, skips, _ = unet.encode(z, t)  # G_ψ's own encoder pass
         return eps - scale * shift(skips, t, y)
 
-    a, b, ratio = time_pair(lambda: shared(z, t), separate, device, opts.repeats, opts.warmup)
+    b, a, ratio = time_pair(separate, lambda: shared(z, t), device, opts.repeats, opts.warmup)
     return {"shared": {**a, "gflop": gflop["conditional_step_shared"]},
             "separate": {**b, "gflop": gflop["conditional_step_separate"]},
             "ratio": ratio,  # fastest separate / fastest shared, timed alternately
