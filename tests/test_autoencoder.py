@@ -19,7 +19,7 @@ from ldae.config import load_preset
 from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.autoencoder import build_autoencoder, discriminator_logits, kl_loss, l1_loss, latent_shape
 from ldae.nets.perceptual import NetworkAccessBlocked, build_perceptual_loss, no_network
-from ldae.stages.autoencoder import AutoencoderModule, fit, frozen, load_autoencoder
+from ldae.stages.autoencoder import AutoencoderModule, fit, frozen, load_autoencoder, lr_factor
 
 SMALL_MODEL = {"channels": [8, 16], "latent_channels": 3, "num_res_blocks": 1, "norm_num_groups": 4}
 
@@ -113,6 +113,55 @@ def test_generator_and_discriminator_gradients_do_not_leak(tmp_path: Path) -> No
     r, _, _ = module.autoencoder(x)
     discriminator_logits(module.discriminator, r).mean().backward()
     assert any(p.grad is not None for p in d_params)
+
+
+def test_generator_loss_is_the_weighted_sum(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **SMALL_MODEL)
+    cfg["discriminator"].update(channels=8, num_layers_d=2)
+
+    class MeanSquare(torch.nn.Module):  # stand-in for the (local-weights) perceptual network
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return ((a - b) ** 2).mean()
+
+    module = AutoencoderModule(cfg, perceptual=MeanSquare())
+    assert "perceptual" not in dict(module.named_children())  # never saved in checkpoints
+    _, t = module.generator_backward(_smooth_batch(), adversarial=True)
+    loss = cfg["loss"]
+    expected = (loss["l1_weight"] * t["l1"] + loss["kl_weight"] * t["kl"]
+                + loss["perceptual_weight"] * t["perceptual"] + loss["adversarial_weight"] * t["adv_g"])
+    assert t["loss_g"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss["kl_weight"] == 1e-7 and loss["adversarial_weight"] == 0.025 and loss["perceptual_weight"] == 1e-3
+    assert t["perceptual"] > 0 and module.adversary_active() is False  # epoch 0 < warm-up epochs
+
+
+def test_non_finite_gradients_skip_the_step(tmp_path: Path) -> None:
+    module = _module(tmp_path)
+    module.clip_val = None  # clipping goes through the Trainer; this test drives the module alone
+    params = list(module.discriminator.parameters())
+    opt = torch.optim.Adam(params, lr=0.1)
+    before = [p.detach().clone() for p in params]
+    for _ in range(module.max_skips):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        params[0].grad[0] = float("nan")
+        module._optimizer_step(opt, "discriminator")
+        assert all(torch.equal(p, b) for p, b in zip(params, before)) and params[0].grad is None
+    params[0].grad = torch.full_like(params[0], float("inf"))
+    with pytest.raises(FloatingPointError, match="consecutive optimizer steps"):
+        module._optimizer_step(opt, "discriminator")
+    module._skips["discriminator"] = 0
+    params[0].grad = torch.ones_like(params[0])
+    module._optimizer_step(opt, "discriminator")
+    assert not torch.equal(params[0], before[0]) and torch.isfinite(params[0]).all()
+
+
+def test_lr_factor_schedules() -> None:
+    assert [lr_factor(e, 4) for e in range(5)] == [1.0] * 5
+    cosine = [lr_factor(e, 4, "cosine", 0.1) for e in range(5)]
+    np.testing.assert_allclose(cosine, [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(5)])
+    assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.1) and np.all(np.diff(cosine) < 0)
+    with pytest.raises(ConfigError, match="optim.lr_schedule"):
+        lr_factor(0, 4, "linear")
 
 
 def test_frozen_restores_flags() -> None:
@@ -246,7 +295,7 @@ def test_fit_phantom_cohort_end_to_end(tmp_path: Path, phantom_cohort: Path) -> 
     cfg = _cfg(tmp_path, phantom_cohort)
     cfg["data"]["val_fraction"] = 0.2
     cfg["trainer"]["max_epochs"] = 3
-    cfg["trainer"]["enable_progress_bar"] = False
+    cfg["trainer"].update(enable_progress_bar=False, log_every_n_steps=1)
     cfg["loss"]["adversarial_warmup_epochs"] = 2
     best = fit(cfg)
     out = Path(cfg["out"])
@@ -259,6 +308,8 @@ def test_fit_phantom_cohort_end_to_end(tmp_path: Path, phantom_cohort: Path) -> 
     l1 = metrics["train/l1_epoch"].dropna().to_numpy()
     assert len(l1) == 3 and l1[-1] < l1[0]
     assert metrics["train/loss_d_epoch"].dropna().size == 1  # adversary only in the last epoch
+    lr = metrics["train/lr_generator"].dropna().to_numpy()  # cosine schedule over the epochs
+    np.testing.assert_allclose(lr, [1e-3 * lr_factor(e, 3, "cosine", 0.05) for e in range(3)], rtol=1e-5)
     val = metrics["val/ssim"].dropna().to_numpy()
     assert len(val) == 3 and np.all((val > 0) & (val <= 1))
 
@@ -282,6 +333,11 @@ def test_fit_phantom_cohort_end_to_end(tmp_path: Path, phantom_cohort: Path) -> 
 
     with pytest.raises(ConfigError, match="--resume"):
         fit(cfg)
+    cfg["trainer"]["max_epochs"] = 4
+    fit(cfg, resume=True)  # continues from last.ckpt: one more epoch, adversary on
+    metrics = pd.read_csv(out / "logs" / "metrics.csv")
+    assert (out / "figures" / "val_epoch003.png").is_file()
+    assert metrics["train/loss_d_epoch"].dropna().size == 2
 
 
 @pytest.mark.slow

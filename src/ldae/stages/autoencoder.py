@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,9 @@ class AutoencoderModule(pl.LightningModule):
         optim = cfg["optim"]
         self.accumulate = int(optim.get("accumulate_grad_batches", 1) or 1)
         self.clip_val = optim.get("gradient_clip_val")
+        self.max_skips = int(optim.get("max_consecutive_skips", 10))
+        self._skips = {"generator": 0, "discriminator": 0}
+        self._skipped_total = {"generator": 0, "discriminator": 0}
         self.out = Path(cfg["out"]) if cfg.get("out") else None
         self._mosaic_saved = False
 
@@ -145,21 +149,51 @@ class AutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Adam for each network (learning rates scaled per epoch in :meth:`on_train_epoch_start`)."""
         optim = self.cfg["optim"]
-        opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=float(optim["lr_generator"]),
-                                 betas=tuple(optim.get("betas", (0.9, 0.999))))
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=float(optim["lr_discriminator"]),
-                                 betas=tuple(optim.get("betas", (0.9, 0.999))))
+        betas = tuple(optim.get("betas", (0.9, 0.999)))
+        opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=float(optim["lr_generator"]), betas=betas)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=float(optim["lr_discriminator"]), betas=betas)
         return [opt_g, opt_d]
+
+    def on_train_epoch_start(self) -> None:
+        """Set both learning rates from the epoch (stateless, so a resumed run continues the schedule)."""
+        optim = self.cfg["optim"]
+        factor = lr_factor(self.current_epoch, int(self.cfg["trainer"].get("max_epochs") or 1),
+                           str(optim.get("lr_schedule", "constant")), float(optim.get("lr_min_factor", 0.0)))
+        for opt, key in zip(self.optimizers(), ("lr_generator", "lr_discriminator")):
+            for group in opt.param_groups:
+                group["lr"] = float(optim[key]) * factor
+        self.log("train/lr_generator", float(optim["lr_generator"]) * factor, on_step=False, on_epoch=True)
 
     def on_fit_start(self) -> None:
         if self.perceptual is not None:
             self.perceptual.to(self.device).eval()
 
-    def _optimizer_step(self, optimizer: Any, module: torch.nn.Module) -> None:
-        if self.clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=float(self.clip_val), gradient_clip_algorithm="norm")
-        optimizer.step()
+    def _optimizer_step(self, optimizer: Any, name: str) -> None:
+        """Clip (norm) the accumulated gradients of one optimizer, step it and clear its gradients.
+
+        A step whose gradients hold NaN/inf is skipped (as AMP's GradScaler does) so that one bad batch
+        cannot poison the weights; ``optim.max_consecutive_skips`` skips in a row stop training.
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if finite:
+            self._skips[name] = 0
+            if self.clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=float(self.clip_val),
+                                    gradient_clip_algorithm="norm")
+            optimizer.step()
+        else:
+            self._skips[name] += 1
+            self._skipped_total[name] += 1
+            log.warning("%s step %d skipped: non-finite gradients (%d in a row)", name, self.global_step,
+                        self._skips[name])
+            if self._skips[name] > self.max_skips:
+                raise FloatingPointError(
+                    f"{name}: {self._skips[name]} consecutive optimizer steps with non-finite gradients; "
+                    "lower the learning rates or use trainer.precision 32-true"
+                )
         optimizer.zero_grad(set_to_none=True)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -171,14 +205,16 @@ class AutoencoderModule(pl.LightningModule):
         if adversarial:
             terms["loss_d"] = self.discriminator_backward(x, recon, scale)
         if (batch_idx + 1) % self.accumulate == 0 or self.trainer.is_last_batch:
-            self._optimizer_step(opt_g, self.autoencoder)
+            self._optimizer_step(opt_g, "generator")
             if adversarial:
-                self._optimizer_step(opt_d, self.discriminator)
+                self._optimizer_step(opt_d, "discriminator")
             else:
                 opt_d.zero_grad(set_to_none=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True,
                       batch_size=x.shape[0])
         self.log("train/adversary_on", float(adversarial), on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log("train/skipped_steps", float(sum(self._skipped_total.values())), on_step=False, on_epoch=True,
+                 reduce_fx="max", batch_size=x.shape[0])
 
     def on_validation_epoch_start(self) -> None:
         self._mosaic_saved = False
@@ -208,6 +244,17 @@ class AutoencoderModule(pl.LightningModule):
         checkpoint["ldae"] = meta
 
 
+def lr_factor(epoch: int, max_epochs: int, schedule: str = "constant", min_factor: float = 0.0) -> float:
+    """Learning-rate multiplier for ``epoch``: 1 (``constant``) or a half cosine from 1 at epoch 0 down to
+    ``min_factor`` at ``max_epochs`` (``cosine``; a short run then ends on small, stable GAN steps)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(max(epoch / max(max_epochs, 1), 0.0), 1.0)
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ConfigError(f"config key 'optim.lr_schedule' is '{schedule}' (choose constant or cosine)")
+
+
 # ---------------------------------------------------------------------- entry points
 
 
@@ -222,6 +269,7 @@ def _validate(cfg: dict) -> None:
     if not get_dotted(cfg, "data.csv"):
         raise ConfigError("config key 'data.csv' is not set: pass --data.csv COHORT.csv")
     latent_shape(cfg["model"], cfg["data"]["shape"])  # divisibility check
+    lr_factor(0, 1, str(cfg["optim"].get("lr_schedule", "constant")))  # schedule name check
 
 
 def resolve_precision(trainer_cfg: dict) -> str:
