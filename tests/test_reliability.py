@@ -631,7 +631,7 @@ def _ckpt_progress(path: Path) -> tuple[int, int]:
 def test_fit_killed_mid_epoch_resumes(phantom_cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["fit", "--preset", "tiny", "--stage", "autoencoder", "--data.csv", str(phantom_cohort),
-            "--out", str(out), "--trainer.max_epochs", "4", *FAST_AE]
+            "--out", str(out), "--trainer.max_epochs", "4", "--loss.adversarial_warmup_epochs", "2", *FAST_AE]
     last = out / "checkpoints" / "last.ckpt"
     _kill_when(_popen(args), last.is_file, delay=0.3)
     killed_epoch, killed_step = _ckpt_progress(last)  # loads: the kill left no corrupt checkpoint
