@@ -1,7 +1,8 @@
 """Lightning DDP on CPU (gloo, 2 processes): one optimisation step where each process gets half of a fixed
 global batch gives the same gradients and weights as one process on the whole batch, and the run writes
-exactly one best.ckpt / last.ckpt. Checked for stage 2 (automatic optimisation) and stage 1 (manual
-optimisation with two optimisers, generator and discriminator both stepping).
+exactly one best.ckpt / last.ckpt. Checked for stage 1 (manual optimisation with two optimisers, generator
+and discriminator both stepping), stage 2 (automatic optimisation) and stage 3 (semantic encoder + shift
+decoder on the frozen UNet).
 
 DDP averages gradients, so equal halves of a mean loss reproduce the full-batch mean gradient, provided
 the randomness of a step does not depend on how the batch is split. The helper script below makes it so
@@ -52,6 +53,36 @@ def per_sample_training_step(self, batch, batch_idx):
     return loss
 
 
+def per_sample_pdae_step(self, batch, batch_idx):
+    from ldae.diffusion.pdae import pdae_loss
+
+    z0 = batch["latent"] * self.scale_factor
+    y = self.encoder(batch["image"])
+    losses = [pdae_loss(self.unet, self.shift, self.schedule, z0[k:k + 1], y[k:k + 1], self.gamma,
+                        torch.Generator().manual_seed(1000 + int(i)))
+              for k, i in enumerate(batch["index"].tolist())]
+    loss = torch.stack(losses).mean()
+    self.log("train/loss", loss, batch_size=z0.shape[0])
+    return loss
+
+
+def perturbed_init(init):
+    """The shift decoder's zero-initialised output would leave the encoder's gradients exactly zero; its
+    dropout (inherited from the diffusion UNet's configuration) is switched off."""
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for m in self.shift.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for net, ema in ((self.encoder, self.ema_encoder), (self.shift, self.ema_shift)):
+                for p in net.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+                ema.module.load_state_dict(net.state_dict())
+    return wrapped
+
+
 def remember_batch(self, batch, batch_idx):
     self._batch_indices = batch["index"].tolist()
 
@@ -86,11 +117,14 @@ if __name__ == "__main__":
     from ldae.nets.unet import LatentUNet
     from ldae.stages.autoencoder import AutoencoderModule
     from ldae.stages.latent_diffusion import LatentDiffusionModule
+    from ldae.stages.representation import RepresentationModule
 
     LatentUNet.from_config = staticmethod(perturbed(LatentUNet.from_config))
     LatentDiffusionModule.training_step = per_sample_training_step
+    RepresentationModule.training_step = per_sample_pdae_step
+    RepresentationModule.__init__ = perturbed_init(RepresentationModule.__init__)
     AutoencoderKL.sampling = lambda self, z_mu, z_sigma: z_mu
-    for cls in (LatentDiffusionModule, AutoencoderModule):
+    for cls in (LatentDiffusionModule, AutoencoderModule, RepresentationModule):
         cls.on_train_batch_start = remember_batch
         cls.on_before_optimizer_step = dump_grads
         cls.on_train_end = dump_weights
@@ -105,8 +139,11 @@ STAGES = {
     # adversary on from the first step; instance norm: BatchNorm statistics would differ per process on CPU
     # (SyncBatchNorm needs GPUs)
     "autoencoder": ["--loss.adversarial_warmup_epochs", "0", "--discriminator.norm", "INSTANCE"],
+    # validate after the one step (best.ckpt), with few DDIM steps; diffusion_checkpoint added per run
+    "representation": ["--trainer.check_val_every_n_epoch", "1", "--validation.ddim_steps", "2"],
 }
-LR = {"diffusion": 5.0e-4, "autoencoder": 1.0e-3}  # tiny presets
+LR = {"diffusion": 5.0e-4, "autoencoder": 1.0e-3, "representation": 3.0e-4}  # tiny presets
+LOSS_KEY = {"diffusion": "train/loss", "autoencoder": "train/loss_g_step", "representation": "train/loss"}
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +168,37 @@ def cohorts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"diffusion": root / "cohort_with_compressed_latent.csv", "autoencoder": images}
 
 
-def _fit(tmp_path: Path, stage: str, csv: Path, devices: int) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def representation_cohort(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Stage 3's (image + latent) cohort of the tiny run cut to 4 train and 2 val rows, and the run's
+    diffusion checkpoint."""
+    import shutil
+
+    from ldae.runs import COMPRESSED_CSV, LATENT_META, stage_dir
+
+    latents = stage_dir(tiny_run, "latents")
+    root = tmp_path_factory.mktemp("ddp_rep")
+    df = read_cohort(latents / COMPRESSED_CSV)
+    df = pd.concat([df[df["split"] == "train"].iloc[:4], df[df["split"] == "val"].iloc[:2]])
+    write_cohort(df, root / COMPRESSED_CSV)
+    shutil.copy(latents / LATENT_META, root / LATENT_META)
+    return root / COMPRESSED_CSV, stage_dir(tiny_run, "diffusion") / "checkpoints" / "best.ckpt"
+
+
+def _fit(tmp_path: Path, stage: str, csv: Path, devices: int, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
     script = tmp_path / "ddp_fit.py"
     script.write_text(HELPER)
     dump, out = tmp_path / f"dump{devices}", tmp_path / f"run{devices}"
     dump.mkdir()
     args = ["fit", "--preset", "tiny", "--stage", stage, "--data.csv", str(csv), "--out", str(out),
-            *COMMON, *STAGES[stage], "--data.batch_size", str(4 // devices)]
+            *COMMON, *STAGES[stage], *extra, "--data.batch_size", str(4 // devices)]
     if devices > 1:
         args += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices)]
     env = dict(os.environ, LDAE_DDP_DUMP=str(dump), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("best checkpoint:") == 1  # printed by the main process only
     return dump, out
 
 
@@ -152,10 +207,15 @@ def _load(path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["diffusion", "autoencoder"])
-def test_ddp_step_equals_full_batch_step(stage: str, cohorts: dict[str, Path], tmp_path: Path) -> None:
-    one_dump, _ = _fit(tmp_path, stage, cohorts[stage], devices=1)
-    two_dump, two_out = _fit(tmp_path, stage, cohorts[stage], devices=2)
+@pytest.mark.parametrize("stage", ["diffusion", "autoencoder", "representation"])
+def test_ddp_step_equals_full_batch_step(stage: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    if stage == "representation":
+        csv, diffusion = request.getfixturevalue("representation_cohort")
+        extra: tuple[str, ...] = ("--diffusion_checkpoint", str(diffusion))
+    else:
+        csv, extra = request.getfixturevalue("cohorts")[stage], ()
+    one_dump, _ = _fit(tmp_path, stage, csv, devices=1, extra=extra)
+    two_dump, two_out = _fit(tmp_path, stage, csv, devices=2, extra=extra)
 
     # one optimiser step per optimiser (the autoencoder steps the generator, then the discriminator)
     steps = sorted(p.name for p in one_dump.glob("grads_rank0_*.pt"))
@@ -184,12 +244,12 @@ def test_ddp_step_equals_full_batch_step(stage: str, cohorts: dict[str, Path], t
     assert float(diff.mean()) < 1e-3 * lr
     assert float((diff > 0.01 * lr).float().mean()) < 1e-4
 
-    assert sorted(p.name for p in (two_out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (two_out / "checkpoints").glob("*.ckpt*")) == ["best.ckpt", "last.ckpt"]
+    assert not list(two_out.rglob("*.tmp*"))
     state = _load(two_out / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.equal(state[k], two[0][k]) for k in floats)
     assert {p.name for p in two_out.iterdir()} <= {"checkpoints", "config.yaml", "figures", "logs"}
-    assert len(pd.read_csv(two_out / "logs" / "metrics.csv").dropna(subset=["train/loss" if stage == "diffusion"
-                                                                           else "train/loss_g_step"])) == 1
+    assert len(pd.read_csv(two_out / "logs" / "metrics.csv").dropna(subset=[LOSS_KEY[stage]])) == 1
 
 
 def test_fit_accepts_any_lightning_trainer_argument(capsys: pytest.CaptureFixture) -> None:

@@ -93,7 +93,7 @@ def test_transform_error_names_file(tmp_path: Path):
     path = _write(tmp_path / "zero.nii.gz", np.zeros((8, 8, 8), np.float32) + 3.0)
     with pytest.raises(Exception) as info:
         load_model_ready(path, spacing=1.0, shape=(8, 8, 8))
-    from ldae.cli import _find_user_error
+    from ldae.errors import find_user_error
 
-    err = _find_user_error(info.value)
+    err = find_user_error(info.value)
     assert err is not None and "zero.nii.gz" in str(err)

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 
 from ldae import __version__
-from ldae.errors import LDAEError
+from ldae.errors import find_user_error
 
 # name -> module; order is the order shown by `ldae --help`
 COMMANDS: dict[str, str] = {
@@ -67,17 +67,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, modules
 
 
-def _find_user_error(exc: BaseException) -> LDAEError | None:
-    """The LDAEError behind ``exc`` (MONAI and DataLoader wrap errors raised inside transforms)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, LDAEError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ldae`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ldae: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        user_error = _find_user_error(exc)
+        user_error = find_user_error(exc)
         if user_error is None or args.debug:
             if user_error is not None:
                 traceback.print_exc()

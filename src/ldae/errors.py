@@ -19,3 +19,14 @@ class CohortError(LDAEError):
 
 class CheckpointError(LDAEError):
     """A checkpoint that is missing, corrupt, or from another stage/preset."""
+
+
+def find_user_error(exc: BaseException | None) -> LDAEError | None:
+    """The LDAEError behind ``exc`` (MONAI and DataLoader wrap errors raised inside transforms)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LDAEError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -10,7 +10,7 @@ HELP = "encode scans to (y_sem, z_T) with a trained LDAE and save them as NPZ"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _inference.add_common(p)
+    _inference.add_common(p)  # (--csv, --devices: batch inference over processes)
     p.add_argument("--semantic-only", action="store_true", help="only y_sem (no DDIM inversion: fast)")
 
 
@@ -21,20 +21,27 @@ def run(args: argparse.Namespace) -> int:
 
     from ldae.io import write_npz
 
-    model, items = _inference.load(args)
-    ys, zs = [], []
-    for _, vol, _ in items:
-        if args.semantic_only:
-            ys.append(model.semantic(vol).cpu().numpy())
-        else:
-            y, z = model.encode(vol)
-            ys.append(y.cpu().numpy())
-            zs.append(z.cpu().numpy())
-    out = Path(args.out)
-    arrays = {"y_sem": np.concatenate(ys), "names": np.array([name for name, _, _ in items])}
-    if zs:
-        arrays["z_T"] = np.concatenate(zs)
-    path = write_npz(out / "encodings.npz", **arrays)
-    print(f"{len(items)} scan(s) encoded -> {path} (y_sem {arrays['y_sem'].shape}"
-          + (f", z_T {arrays['z_T'].shape})" if zs else ")"))
+    model, items, workers = _inference.load(args)
+
+    def encode_mine() -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        done = []
+        for name, vol, _ in items:
+            if args.semantic_only:
+                done.append((name, model.semantic(vol).cpu().numpy()[0], None))
+            else:
+                y, z = model.encode(vol)
+                done.append((name, y.cpu().numpy()[0], z.cpu().numpy()[0]))
+        return done
+
+    parts = workers.gather(workers.together(encode_mine))
+    if not workers.is_main:
+        return 0
+    by_name = {name: (y, z) for part in parts for name, y, z in part}
+    names = [name for name, _ in _inference.scan_list(args)]
+    arrays = {"y_sem": np.stack([by_name[n][0] for n in names]), "names": np.array(names)}
+    if not args.semantic_only:
+        arrays["z_T"] = np.stack([by_name[n][1] for n in names])
+    path = write_npz(Path(args.out) / "encodings.npz", **arrays)
+    print(f"{len(names)} scan(s) encoded -> {path} (y_sem {arrays['y_sem'].shape}"
+          + (f", z_T {arrays['z_T'].shape})" if "z_T" in arrays else ")"))
     return 0

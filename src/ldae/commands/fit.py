@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from ldae.distributed import is_main_process
+
     best = fit(cfg, resume=args.resume)
-    print(f"best checkpoint: {best}")
+    if is_main_process():  # under DDP every process returns here
+        print(f"best checkpoint: {best}")
     return 0

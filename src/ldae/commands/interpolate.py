@@ -20,8 +20,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ldae.viz import save_strip
 
-    model, items = _inference.load(args)
-    (n1, x1, affine), (n2, x2, _) = items
+    model, items, _ = _inference.load(args)
+    (n1, x1, affine), (n2, x2, _) = list(items)
     vols = model.interpolate(x1, x2, args.ts)
     out = Path(args.out)
     for t, v in zip(args.ts, vols):

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ldae.viz import save_strip
 
     direction = _direction(args)
-    model, items = _inference.load(args)
+    model, items, _ = _inference.load(args)
     out = Path(args.out)
     zero = min(range(len(args.alphas)), key=lambda i: abs(args.alphas[i]))
     for name, vol, affine in items:

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from ldae.evaluation.metrics import ssim3d
     from ldae.viz import save_mosaic
 
-    model, items = _inference.load(args)
+    model, items, _ = _inference.load(args)
     out = Path(args.out)
     for name, vol, affine in items:
         recon = model.reconstruct(vol)

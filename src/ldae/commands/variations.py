@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ldae.viz import save_mosaic
 
-    model, items = _inference.load(args)
+    model, items, _ = _inference.load(args)
     out = Path(args.out)
     for name, vol, affine in items:
         var = model.variations(vol, args.n, seed=args.seed)

@@ -100,6 +100,8 @@ def compress(
     num_workers: int = 0,
     progress: bool = False,
     force: bool = False,
+    devices: int = 1,
+    num_nodes: int = 1,
 ) -> Path:
     """Encode every scan of ``csv`` to its posterior-mean latent; return the written cohort CSV path.
 
@@ -108,18 +110,23 @@ def compress(
         csv: cohort CSV; an existing ``split`` column is kept, otherwise one is assigned exactly as the
             autoencoder's training did (same seed and fractions).
         out_dir: output folder (default: ``latents/`` beside the autoencoder's run folder).
-        batch_size, device, num_workers: encoding batch size, torch device, DataLoader workers.
-        progress: show a rich progress bar.
+        batch_size, device, num_workers: encoding batch size, device kind (cpu, cuda, cuda:1, auto),
+            DataLoader workers per process.
+        progress: show a rich progress bar (main process).
         force: re-encode even up-to-date latents.
+        devices, num_nodes: data-parallel processes per node and nodes (:func:`ldae.distributed.launch`);
+            each process encodes its share of the scans, the main one writes the CSV and the metadata.
     """
     from torch.utils.data import DataLoader
 
     from ldae.data.datamodule import VolumeDataset
+    from ldae.distributed import launch
     from ldae.nets.autoencoder import latent_shape
     from ldae.stages.autoencoder import load_autoencoder
 
     ckpt = Path(autoencoder_ckpt).resolve()
-    net, cfg = load_autoencoder(ckpt, device=device)
+    workers = launch(device, devices, num_nodes)
+    net, cfg = load_autoencoder(ckpt, device=workers.device)
     data = cfg["data"]
     spacing, shape = data["spacing"], [int(s) for s in data["shape"]]
     expected = latent_shape(cfg["model"], shape)
@@ -133,22 +140,41 @@ def compress(
         test_fraction=float(data.get("test_fraction", 0.1)),
         val_fraction=float(data.get("val_fraction", 0.01)),
     )
+    if not (df["split"] == "train").any():  # checked before any work (and before processes could diverge)
+        raise CohortError(f"{csv}: the train split is empty, so the latent scale factor cannot be computed")
     df = df.copy()
     df["latent_path"] = [str((latent_dir / name).resolve()) for name in latent_names(df)]
     sha = file_sha256(ckpt)
-    todo = [
-        i for i, (npz, img) in enumerate(zip(df["latent_path"], df["path"]))
-        if force or not _up_to_date(Path(npz), Path(img), ckpt, sha, expected)
-    ]
-    log.info("compress: %d of %d latents to encode (%d up to date)", len(todo), len(df), len(df) - len(todo))
-    if todo:
-        loader = DataLoader(VolumeDataset(df.iloc[todo], spacing, shape), batch_size=int(batch_size),
-                            shuffle=False, num_workers=int(num_workers))
-        _encode(net, loader, df, sha, device, progress)
+    todo = None
+    if workers.is_main:  # decided once: another process may already be writing when a later one looks
+        todo = [
+            i for i, (npz, img) in enumerate(zip(df["latent_path"], df["path"]))
+            if force or not _up_to_date(Path(npz), Path(img), ckpt, sha, expected)
+        ]
+        log.info("compress: %d of %d latents to encode (%d up to date)%s", len(todo), len(df), len(df) - len(todo),
+                 f" on {workers.world_size} processes" if workers.world_size > 1 else "")
+    todo = workers.broadcast(todo)
 
+    def encode_mine() -> None:
+        mine = workers.shard(todo)
+        if mine:
+            loader = DataLoader(VolumeDataset(df.iloc[mine], spacing, shape), batch_size=int(batch_size),
+                                shuffle=False, num_workers=int(num_workers))
+            _encode(net, loader, df, sha, workers.device, progress and workers.is_main)
+
+    def write_meta() -> None:
+        if workers.is_main:
+            _write_meta(df, csv, ckpt, sha, expected, spacing, shape, out, len(todo))
+
+    workers.together(encode_mine)  # a failure on any process stops all of them
+    workers.together(write_meta)
+    return out / COMPRESSED_CSV
+
+
+def _write_meta(df: pd.DataFrame, csv: str | os.PathLike, ckpt: Path, sha: str, expected: Sequence[int],
+                spacing: Any, shape: list[int], out: Path, encoded: int) -> None:
+    """The scale factor from the train split's latents, ``latent_meta.json`` and the compressed CSV."""
     train = df[df["split"] == "train"]
-    if train.empty:
-        raise CohortError(f"{csv}: the train split is empty, so the latent scale factor cannot be computed")
     stats = latent_statistics(train["latent_path"], expected)
     meta: dict[str, Any] = {
         "scale_factor": 1.0 / stats["std"],
@@ -163,15 +189,14 @@ def compress(
         "cohort_csv": str(Path(csv).resolve()),
         "n_latents": int(len(df)),
         "split_counts": {s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},
-        "encoded_last_run": len(todo),
+        "encoded_last_run": int(encoded),
     }
     write_json(out / LATENT_META, meta)
     out_csv = write_cohort(df, out / COMPRESSED_CSV)
     log.info("compress: scale factor %.6g (latent std %.6g); wrote %s", meta["scale_factor"], stats["std"], out_csv)
-    return out_csv
 
 
-def _encode(net: torch.nn.Module, loader: Any, df: pd.DataFrame, sha: str, device: str, progress: bool) -> None:
+def _encode(net: torch.nn.Module, loader: Any, df: pd.DataFrame, sha: str, device: Any, progress: bool) -> None:
     """Encode the loader's scans (posterior mean, float32) and write one NPZ per row of ``df``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -1,0 +1,131 @@
+"""Data-parallel inference (latent export, batch encoding) on Lightning Fabric.
+
+Training scales out through Lightning's Trainer (``--trainer.strategy ddp --trainer.devices N``); the
+inference jobs (``ldae compress``, ``ldae encode --csv``) use :func:`launch`, which starts or joins the
+processes the same way: ``--devices N`` on one machine spawns N-1 more processes of the same command,
+and under ``torchrun``/``srun`` every launched process joins its rank. Each process works on its own
+rows (:meth:`Workers.shard`), results meet through :meth:`Workers.gather`, and only the main process
+writes the shared outputs (CSV, JSON, merged NPZ).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from ldae.errors import ConfigError, LDAEError, find_user_error
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Workers:
+    """This process's place among the inference processes."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    fabric: Any = None  # lightning.fabric.Fabric, absent for a plain single process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This process's share of ``items`` (every ``world_size``-th, starting at ``rank``): disjoint
+        across processes, together all of them, no padding."""
+        return list(items[self.rank :: self.world_size])
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.fabric.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, in rank order (any picklable object)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def together(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on every process; when it fails on any of them, it fails on all (with
+        the first failure's message), so that no process is left waiting at the next barrier."""
+        try:
+            result, failure = fn(*args, **kwargs), None
+        except Exception as exc:  # noqa: BLE001 - re-raised below, here or on the other processes
+            result, failure = None, exc
+        if self.world_size == 1:
+            if failure is not None:
+                raise failure
+            return result  # type: ignore[return-value]
+        user_error = find_user_error(failure)
+        reports = self.gather(None if failure is None else
+                              (True, str(user_error)) if user_error is not None else (False, str(failure)))
+        if failure is not None:
+            raise failure
+        for rank, report in enumerate(reports):
+            if report is not None:
+                user_error, message = report
+                raise (LDAEError if user_error else RuntimeError)(f"process {rank} failed: {message}")
+        return result  # type: ignore[return-value]
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process."""
+        return obj if self.world_size == 1 else self.fabric.broadcast(obj, src=0)
+
+
+def _accelerator(device: str) -> tuple[str, Any]:
+    """``--device`` (cpu, cuda, cuda:1, mps, auto) as Fabric's (accelerator, devices-or-None)."""
+    name = device.strip().lower()
+    if name == "auto":
+        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "gpu", "mps"):
+        raise ConfigError(f"--device '{device}': expected cpu, cuda, cuda:<index>, mps or auto")
+    if index:
+        if not index.isdigit():
+            raise ConfigError(f"--device '{device}': the device index must be a number")
+        return kind, [int(index)]
+    return kind, None
+
+
+def launch(device: str = "cpu", devices: int = 1, num_nodes: int = 1, strategy: str = "auto") -> Workers:
+    """Start (or join) ``devices`` × ``num_nodes`` inference processes and return this one's place.
+
+    One device on one node is a plain process (no Fabric, no process group). Otherwise Lightning Fabric
+    launches DDP: CPU processes talk over gloo, GPUs over NCCL.
+    """
+    if int(devices) < 1 or int(num_nodes) < 1:
+        raise ConfigError(f"--devices {devices} / --num-nodes {num_nodes}: both must be at least 1")
+    accelerator, index = _accelerator(device)
+    if int(devices) == 1 and int(num_nodes) == 1:
+        kind = "cuda" if accelerator == "gpu" else accelerator
+        return Workers(rank=0, world_size=1, device=torch.device(kind if index is None else f"{kind}:{index[0]}"))
+    if index is not None:
+        raise ConfigError(f"--device '{device}' names one device; with --devices {devices} pass the kind only (e.g. cuda)")
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=int(num_nodes),
+                    strategy="ddp" if strategy == "auto" else strategy)
+    fabric.launch()
+    log.debug("rank %d of %d on %s", fabric.global_rank, fabric.world_size, fabric.device)
+    return Workers(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
+
+
+def is_main_process() -> bool:
+    """False on every process but rank 0 of an initialised process group (Trainer or Fabric DDP): for
+    what only one process should print or write."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    env = os.environ  # a launched process whose group is gone (or not yet made)
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    return int(env.get("LOCAL_RANK", 0)) == 0 and int(env.get("NODE_RANK", 0)) == 0
