@@ -65,3 +65,36 @@ def test_manipulate_without_probes_is_a_clear_error(tiny_run: Path, scans: list[
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "none.json" in err and "ldae evaluate" in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_inference_input_errors(tiny_run: Path, scans: list[str], tmp_path: Path, capsys):
+    assert main(["encode", "--model", str(tiny_run), "--out", str(tmp_path)]) == 2
+    assert "no scans given" in capsys.readouterr().err
+    other = tmp_path / "elsewhere" / Path(scans[0]).name
+    other.parent.mkdir()
+    other.write_bytes(Path(scans[0]).read_bytes())
+    assert main(["reconstruct", "--model", str(tiny_run), scans[0], str(other), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "would both write outputs named" in err and str(other) in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "cohort.csv"
+    bad.write_text("subject,session\nA,0\n")
+    assert main(["encode", "--model", str(tiny_run), "--csv", str(bad), "--out", str(tmp_path)]) == 2
+    assert "cohort.csv" in capsys.readouterr().err and not (tmp_path / "encodings.npz").exists()
+
+
+@pytest.mark.slow
+def test_encode_csv_matches_positional_scans(tiny_run: Path, scans: list[str], tmp_path: Path) -> None:
+    """A cohort CSV names its outputs <subject>_M<session>; the encodings equal those of the same files."""
+    df = pd.read_csv(stage_dir(tiny_run, "latents") / COMPRESSED_CSV)
+    rows = df[df["path"].apply(lambda p: str(stage_dir(tiny_run, "latents") / p) in scans)]
+    csv = tmp_path / "c.csv"
+    rows = rows.drop(columns=["latent_path"])
+    rows.assign(path=[str(stage_dir(tiny_run, "latents") / p) for p in rows["path"]]).to_csv(csv, index=False)
+    assert main(["encode", "--model", str(tiny_run), "--csv", str(csv), "--out", str(tmp_path / "a"),
+                 "--steps", "2", "--semantic-only"]) == 0
+    assert main(["encode", "--model", str(tiny_run), *scans, "--out", str(tmp_path / "b"), "--steps", "2",
+                 "--semantic-only"]) == 0
+    with np.load(tmp_path / "a" / "encodings.npz") as a, np.load(tmp_path / "b" / "encodings.npz") as b:
+        assert list(a["names"]) == [f"{s}_M{int(m):03d}" for s, m in zip(rows["subject"], rows["session"])]
+        assert "z_T" not in a.files
+        np.testing.assert_allclose(a["y_sem"], b["y_sem"], rtol=0, atol=1e-6)
