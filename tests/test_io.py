@@ -32,3 +32,19 @@ def test_writers_roundtrip(tmp_path: Path):
     img = nib.load(tmp_path / "v.nii.gz")
     assert img.get_data_dtype() == np.float32
     np.testing.assert_allclose(img.affine, aff)
+
+
+def test_write_json_is_strict_json(tmp_path):
+    import json
+    import math
+
+    import numpy as np
+
+    from ldae.io import write_json
+
+    path = write_json(tmp_path / "m.json", {"a": float("nan"), "b": [np.float32(1.5), np.inf], "c": np.arange(2),
+                                            "d": {"e": np.float64(-np.inf), "f": tmp_path}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: math.nan) == {"a": None, "b": [1.5, None], "c": [0, 1],
+                                                                  "d": {"e": None, "f": str(tmp_path)}}

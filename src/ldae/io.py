@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -44,18 +45,28 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (numpy scalars/arrays converted)."""
+    """Atomically write ``obj`` as indented, strict JSON: numpy scalars/arrays and paths converted, NaN
+    and ±inf written as ``null`` (``NaN`` is not JSON: browsers and most parsers reject it)."""
 
-    def _default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
+    def _plain(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: _plain(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [_plain(v) for v in o]
         if isinstance(o, np.ndarray):
-            return o.tolist()
+            return _plain(o.tolist())
+        if isinstance(o, np.generic):
+            o = o.item()
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
         if isinstance(o, Path):
             return str(o)
+        return o
+
+    def _default(o: Any) -> Any:
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-    return write_text(path, json.dumps(obj, indent=2, default=_default) + "\n")
+    return write_text(path, json.dumps(_plain(obj), indent=2, default=_default, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | os.PathLike, df: Any) -> Path:

@@ -184,12 +184,24 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
         parts.append(_table(["baseline", "AUC", "accuracy", "F1", "MCC", "age MAE", "age RMSE"], rows))
 
     parts.append("<h2>Timings</h2>")
-    timings = metrics.get("timings_s", {})
-    parts.append(_table(["step", "seconds"], [[k, float(v)] for k, v in timings.items()], 1))
+    parts.append(_table(["step", "seconds"], _timing_rows(metrics.get("timings_s", {})), 1))
     parts.append('<p class="muted">metrics.json holds every number shown here.</p>')
     doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     return write_text(out_html, doc)
+
+
+def _timing_rows(timings: dict, prefix: str = "") -> list[list[Any]]:
+    """``timings_s`` as table rows; nested sections (the demo's stages, the evaluation's sections) are
+    flattened to ``section: step``."""
+    rows: list[list[Any]] = []
+    for key, value in timings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _timing_rows(value, f"{name}: ")
+        elif value is not None:
+            rows.append([name, float(value)])
+    return rows
 
 
 def load_metrics(run: str | Path) -> dict:

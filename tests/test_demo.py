@@ -1,0 +1,50 @@
+"""``ldae demo`` end to end at a miniature scale (cohort of 16 subjects, one epoch per stage, quick
+evaluation): metrics.json with the evaluation's keys + per-stage timings + the aims, and report.html."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ldae.cli import main
+
+MINI = ["--autoencoder.trainer.max_epochs", "1", "--autoencoder.loss.adversarial_warmup_epochs", "1",
+        "--diffusion.trainer.max_epochs", "1", "--diffusion.validation.sample_every_n_epochs", "0",
+        "--representation.trainer.max_epochs", "1", "--representation.trainer.check_val_every_n_epoch", "1",
+        "--representation.validation.ddim_steps", "2",
+        "--evaluation.reconstruction.steps", "[2]", "--evaluation.interpolation.steps", "2",
+        "--evaluation.interpolation.max_triplets", "2", "--evaluation.manipulation.steps", "2",
+        "--evaluation.manipulation.max_scans", "1", "--evaluation.manipulation.alphas", "[0.0, 2.0]",
+        "--evaluation.manipulation.volumetry.transform", "Affine"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_miniature(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("ants")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--subjects", "16", *MINI]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    stages = metrics["timings_s"]["stages"]
+    assert set(stages) == {"synth", "autoencoder", "compress", "diffusion", "representation", "evaluation"}
+    assert all(v > 0 for v in stages.values()) and metrics["timings_s"]["total"] >= sum(stages.values()) - 1e-6
+    assert set(metrics["timings_s"]["evaluation_sections"]) >= {"probes", "reconstruction", "interpolation"}
+    for key in ("probe", "reconstruction", "interpolation", "manipulation", "cohort"):
+        assert key in metrics, key
+    gt_auc = metrics["cohort"]["ground_truth_auc"]  # null when the cohort is too small to cross-validate
+    assert metrics["cohort"]["subjects"] == 16 and (gt_auc is None or 0.0 <= gt_auc <= 1.0)
+    aims = metrics["aims"]
+    assert len(aims) == 3 and all(isinstance(a["met"], bool) and isinstance(a["value"], float) for a in aims)
+    learned = metrics["probe"]["learned"]["ad_vs_cn"]["auc"]
+    assert aims[1]["value"] == pytest.approx(learned - metrics["probe"]["untrained"]["ad_vs_cn"]["auc"])
+    assert printed.count("met]") == 3 and "report:" in printed
+    html = (out / "report.html").read_text()
+    assert "Aims of the demo" in html and "stages: representation" in html and html.count("data:image/png;base64,") >= 6
+
+    # a rerun resumes: every stage is already done, only the report is rewritten
+    assert main(["demo", "--out", str(out), "--subjects", "16", *MINI]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["timings_s"]["stages"]["autoencoder"] == stages["autoencoder"]
+    assert again["timings_s"]["total"] < metrics["timings_s"]["total"]
