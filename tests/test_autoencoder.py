@@ -355,7 +355,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path, phantom_co
         def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             seen.append(trainer.global_step)
 
-    import ldae.stages.autoencoder as stage
+    import ldae.stages.common as stage
 
     original = stage.make_trainer
     stage.make_trainer = lambda *a, **k: original(*a, callbacks=[Spy()], **k)

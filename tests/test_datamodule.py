@@ -29,15 +29,20 @@ def test_volume_datamodule_batches(phantom_cohort: Path):
     assert n == 12
 
 
-def test_latent_datamodule(phantom_cohort: Path, tmp_path: Path):
-    df = read_cohort(phantom_cohort)
+def _with_row_latents(cohort: Path, tmp_path: Path) -> Path:
+    """The cohort + a ``latent_path`` column whose latent (3, 2, 3, 2) is filled with the row number."""
+    df = read_cohort(cohort)
     paths = []
     for i in range(len(df)):
         p = tmp_path / "lat" / f"{i}_latent.npz"
         write_npz(p, latent=np.full((3, 2, 3, 2), i, np.float32))
         paths.append(str(p))
     df["latent_path"] = paths
-    csv = write_cohort(df, tmp_path / "with_latent.csv")
+    return write_cohort(df, tmp_path / "with_latent.csv")
+
+
+def test_latent_datamodule(phantom_cohort: Path, tmp_path: Path):
+    csv = _with_row_latents(phantom_cohort, tmp_path)
     dm = LatentDataModule(csv, latent_shape=(3, 2, 3, 2), batch_size=4, test_fraction=0.34)
     dm.setup()
     batch = next(iter(dm.test_dataloader()))
@@ -72,14 +77,7 @@ def test_missing_latent_path_column(phantom_cohort: Path):
 def test_image_latent_datamodule_pairs_rows(phantom_cohort: Path, tmp_path: Path):
     from ldae.data.datamodule import ImageLatentDataModule
 
-    df = read_cohort(phantom_cohort)
-    paths = []
-    for i in range(len(df)):
-        p = tmp_path / "lat" / f"{i}_latent.npz"
-        write_npz(p, latent=np.full((3, 2, 3, 2), i, np.float32))
-        paths.append(str(p))
-    df["latent_path"] = paths
-    csv = write_cohort(df, tmp_path / "with_latent.csv")
+    csv = _with_row_latents(phantom_cohort, tmp_path)
     dm = ImageLatentDataModule(csv, spacing=6.0, shape=(32, 40, 32), latent_shape=(3, 2, 3, 2), batch_size=2)
     dm.setup()
     batch = next(iter(dm.val_dataloader()))

@@ -272,7 +272,7 @@ def test_autoencoder_ddp_finds_unused_parameters(tmp_path: Path, monkeypatch: py
     """Each of stage 1's two backward passes leaves one network without gradients: plain ``ddp`` would
     fail at the second step, so the stage switches to ``ddp_find_unused_parameters_true``."""
     from ldae.config import load_preset
-    from ldae.stages import autoencoder
+    from ldae.stages import autoencoder, common
 
     seen = {}
 
@@ -280,7 +280,7 @@ def test_autoencoder_ddp_finds_unused_parameters(tmp_path: Path, monkeypatch: py
         seen.update(cfg["trainer"])
         raise SystemExit(0)
 
-    monkeypatch.setattr(autoencoder, "make_trainer", fake_make_trainer)
+    monkeypatch.setattr(common, "make_trainer", fake_make_trainer)
     csv = write_phantom_cohort(tmp_path / "c", n_subjects=3, sessions=(0, 12), seed=0)
     cfg = load_preset("tiny", "autoencoder")
     cfg["data"]["csv"], cfg["out"] = str(csv), str(tmp_path / "run")

@@ -17,15 +17,10 @@ from torch import nn
 
 from ldae.cli import main
 from ldae.config import load_preset
-from ldae.errors import CheckpointError, ConfigError
+from ldae.errors import CheckpointError, CohortError, ConfigError
+from ldae.stages.compress import read_latent_meta
 from ldae.stages.ema import EMA, FrozenEvalMixin, freeze
-from ldae.stages.latent_diffusion import (
-    LatentDiffusionModule,
-    fit,
-    load_latent_diffusion,
-    read_latent_meta,
-    volume_affine,
-)
+from ldae.stages.latent_diffusion import LatentDiffusionModule, fit, load_latent_diffusion, volume_affine
 
 LATENT = [3, 8, 10, 8]
 SMALL_UNET = {"channels": [8, 16], "num_res_blocks": 1, "attention_factors": [2], "num_heads": 2,
@@ -197,10 +192,10 @@ def test_read_latent_meta_validates(latent_cohort, tmp_path):
     meta = read_latent_meta(latent_cohort)
     assert meta["scale_factor"] == 0.5 and meta["latent_shape"] == LATENT
     assert meta["autoencoder_checkpoint"] == str((latent_cohort.parent / "ae.ckpt").resolve())
-    with pytest.raises(ConfigError, match="latent_meta.json: latent metadata not found"):
+    with pytest.raises(CohortError, match="no latent_meta.json found"):
         read_latent_meta(tmp_path / "cohort.csv")
     (tmp_path / "latent_meta.json").write_text(json.dumps({"scale_factor": -1, "latent_shape": LATENT}))
-    with pytest.raises(ConfigError, match="'scale_factor'"):
+    with pytest.raises(CohortError, match="'scale_factor'"):
         read_latent_meta(tmp_path / "cohort.csv")
 
 

@@ -76,7 +76,8 @@ def make_autoencoder_ckpt(run: Path, seed: int = 0) -> Path:
 
 def make_diffusion_ckpt(run: Path, latents_csv: Path, seed: int = 0, preset: str = "tiny",
                         model: dict | None = None) -> Path:
-    from ldae.stages.latent_diffusion import LatentDiffusionModule, read_latent_meta
+    from ldae.stages.compress import read_latent_meta
+    from ldae.stages.latent_diffusion import LatentDiffusionModule
 
     meta = read_latent_meta(latents_csv)
     cfg = load_preset(preset, "diffusion")

@@ -36,11 +36,11 @@ from ldae.nets.semantic_encoder import SemanticEncoder, build_semantic_encoder
 from ldae.stages.common import (
     load_checkpoint,
     load_state_dict_strict,
-    make_trainer,
     prepare_run,
     stage_metadata,
+    train,
 )
-from ldae.stages.ema import freeze
+from ldae.stages.ema import adam_from_config, freeze
 
 Tensor = torch.Tensor
 STAGE = "supervised"
@@ -145,10 +145,7 @@ class SupervisedModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        o = self.cfg["optim"]
-        return torch.optim.AdamW(self.net.parameters(), lr=float(o["lr"]),
-                                 betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),
-                                 weight_decay=float(o.get("weight_decay", 0.0)))
+        return adam_from_config(self.net.parameters(), self.cfg["optim"], decoupled=True)
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"logit": [], "age_pred": [], "is_pos": [], "labelled": [], "age": []}
@@ -208,28 +205,22 @@ def age_statistics(ages: Any) -> tuple[float, float]:
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train the supervised encoder; return ``out/checkpoints/best.ckpt`` (lowest ``val/loss``)."""
     from ldae.baselines.voxel_dae import make_datamodule
-    from ldae.stages.autoencoder import resolve_precision
+    from ldae.stages.common import resolve_precision
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
     cfg["trainer"]["precision"] = resolve_precision(cfg["trainer"])
     datamodule = make_datamodule(cfg)
-    train = datamodule.rows("train")
-    n_labelled = int(train["diagnosis"].isin([cfg["loss"]["positive"], cfg["loss"]["negative"]]).sum())
+    train_rows = datamodule.rows("train")
+    n_labelled = int(train_rows["diagnosis"].isin([cfg["loss"]["positive"], cfg["loss"]["negative"]]).sum())
     if n_labelled == 0:
         raise ConfigError(f"{cfg['data']['csv']}: the train split has no {cfg['loss']['negative']} or "
                           f"{cfg['loss']['positive']} rows to learn from")
-    age_mean, age_std = age_statistics(train["age"])
+    age_mean, age_std = age_statistics(train_rows["age"])
     out, resume_ckpt = prepare_run(cfg, resume)
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     module = SupervisedModule(cfg, age_mean, age_std)
-    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="min")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    best = out / "checkpoints" / "best.ckpt"
-    if not best.is_file():
-        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
-                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
-    return best
+    return train(module, datamodule, cfg, out, resume_ckpt, MONITOR, "min")
 
 
 # ---------------------------------------------------------------------- inference

@@ -56,11 +56,11 @@ from ldae.nets.unet import (
 from ldae.stages.common import (
     load_checkpoint,
     load_state_dict_strict,
-    make_trainer,
     prepare_run,
     stage_metadata,
+    train,
 )
-from ldae.stages.ema import EMA, freeze
+from ldae.stages.ema import EMA, EMAStepMixin, adam_from_config, freeze
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def parameter_counts(cfg: dict) -> dict[str, int]:
 # ---------------------------------------------------------------------- training module
 
 
-class VoxelDAEModule(pl.LightningModule):
+class VoxelDAEModule(EMAStepMixin, pl.LightningModule):
     """Joint training of encoder + conditional UNet on images, with an EMA copy of both."""
 
     def __init__(self, cfg: dict) -> None:
@@ -215,15 +215,11 @@ class VoxelDAEModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
+    def ema_pairs(self) -> list[tuple[EMA, nn.Module]]:
+        return [(self.ema, self.net)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        o = self.cfg["optim"]
-        return torch.optim.Adam(self.net.parameters(), lr=float(o["lr"]),
-                                betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),
-                                weight_decay=float(o.get("weight_decay", 0.0)))
+        return adam_from_config(self.net.parameters(), self.cfg["optim"])
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"loss": [], "ssim_encoded": [], "ssim_semantic": [], "mse_encoded": []}
@@ -294,25 +290,16 @@ def _validate(cfg: dict) -> None:
 def make_datamodule(cfg: dict) -> Any:
     """The image data module of a baseline config's ``data`` section (raw cohort CSV)."""
     from ldae.data.datamodule import VolumeDataModule
+    from ldae.stages.common import make_datamodule as _make
 
     data = cfg["data"]
-    dm = VolumeDataModule(
-        data["csv"], spacing=data["spacing"], shape=data["shape"], cache=bool(data.get("cache", False)),
-        batch_size=int(data["batch_size"]), eval_batch_size=data.get("eval_batch_size"),
-        num_workers=int(data.get("num_workers", 0)), labels=data.get("labels", ("CN", "MCI", "AD")),
-        seed=int(cfg.get("seed", 0)), test_fraction=float(data.get("test_fraction", 0.1)),
-        val_fraction=float(data.get("val_fraction", 0.01)),
-    )
-    for split in ("train", "val"):
-        if dm.rows(split).empty:
-            raise ConfigError(f"{data['csv']}: the '{split}' split is empty (check the CSV's split column "
-                              "or data.val_fraction)")
-    return dm
+    return _make(VolumeDataModule, cfg, spacing=data["spacing"], shape=data["shape"],
+                 cache=bool(data.get("cache", False)))
 
 
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train the voxel DAE; return ``out/checkpoints/best.ckpt`` (highest ``val/ssim_encoded``)."""
-    from ldae.stages.autoencoder import resolve_precision
+    from ldae.stages.common import resolve_precision
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
@@ -321,13 +308,7 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     out, resume_ckpt = prepare_run(cfg, resume)
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     module = VoxelDAEModule(cfg)
-    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="max")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    best = out / "checkpoints" / "best.ckpt"
-    if not best.is_file():
-        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
-                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
-    return best
+    return train(module, datamodule, cfg, out, resume_ckpt, MONITOR, "max")
 
 
 # ---------------------------------------------------------------------- inference

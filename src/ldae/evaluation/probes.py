@@ -20,7 +20,7 @@ fitted probes as JSON (exact float round trip) for :func:`predict_probes` on new
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,24 @@ def _standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = X.std(axis=0)
     scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
     return mean, scale
+
+
+def _fit_standardised(model: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    """``model`` fitted on ``X`` standardised with its own mean/scale; returns ``(model, mean, scale)``."""
+    mean, scale = _standardiser(X)
+    model.fit((X - mean) / scale, y)
+    return model, mean, scale
+
+
+def _cross_validate(grid: Sequence[float], folds: list[tuple[np.ndarray, np.ndarray]],
+                    score: Callable[[np.ndarray, np.ndarray, float], float | None]) -> list[float]:
+    """Mean validation score per grid value; ``score(train_idx, val_idx, value)`` returns None for a fold
+    it cannot score (NaN when no fold could be scored)."""
+    means = []
+    for value in grid:
+        scores = [s for tr, va in folds if (s := score(tr, va, value)) is not None]
+        means.append(float(np.mean(scores)) if scores else float("nan"))
+    return means
 
 
 def _pick(grid: Sequence[float], scores: list[float], higher_is_better: bool, strongest_first: bool) -> float:
@@ -175,20 +193,15 @@ def probe_ad_vs_cn(
     folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(Xf, yf, gf))
 
     def _fit(Xa: np.ndarray, ya: np.ndarray, C: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
-        mean, scale = _standardiser(Xa)
-        clf = LogisticRegression(C=C, max_iter=5000, random_state=seed)
-        clf.fit((Xa - mean) / scale, ya)
-        return clf, mean, scale
+        return _fit_standardised(LogisticRegression(C=C, max_iter=5000, random_state=seed), Xa, ya)
 
-    cv_auc = []
-    for C in Cs:
-        aucs = []
-        for tr, va in folds:
-            if len(np.unique(yf[tr])) < 2 or len(np.unique(yf[va])) < 2:
-                continue
-            clf, mean, scale = _fit(Xf[tr], yf[tr], C)
-            aucs.append(roc_auc_score(yf[va], clf.decision_function((Xf[va] - mean) / scale)))
-        cv_auc.append(float(np.mean(aucs)) if aucs else float("nan"))
+    def _val_auc(tr: np.ndarray, va: np.ndarray, C: float) -> float | None:
+        if len(np.unique(yf[tr])) < 2 or len(np.unique(yf[va])) < 2:
+            return None
+        clf, mean, scale = _fit(Xf[tr], yf[tr], C)
+        return float(roc_auc_score(yf[va], clf.decision_function((Xf[va] - mean) / scale)))
+
+    cv_auc = _cross_validate(Cs, folds, _val_auc)
     best_C = _pick(Cs, cv_auc, higher_is_better=True, strongest_first=True)
 
     clf, mean, scale = _fit(Xf, yf, best_C)
@@ -268,18 +281,13 @@ def probe_age(
     folds = list(GroupKFold(n_splits=k).split(Xf, yf, groups))
 
     def _fit(Xa: np.ndarray, ya: np.ndarray, alpha: float) -> tuple[Ridge, np.ndarray, np.ndarray]:
-        mean, scale = _standardiser(Xa)
-        reg = Ridge(alpha=alpha)
-        reg.fit((Xa - mean) / scale, ya)
-        return reg, mean, scale
+        return _fit_standardised(Ridge(alpha=alpha), Xa, ya)
 
-    cv_mae = []
-    for alpha in alphas:
-        maes = []
-        for tr, va in folds:
-            reg, mean, scale = _fit(Xf[tr], yf[tr], alpha)
-            maes.append(float(np.mean(np.abs(reg.predict((Xf[va] - mean) / scale) - yf[va]))))
-        cv_mae.append(float(np.mean(maes)))
+    def _val_mae(tr: np.ndarray, va: np.ndarray, alpha: float) -> float:
+        reg, mean, scale = _fit(Xf[tr], yf[tr], alpha)
+        return float(np.mean(np.abs(reg.predict((Xf[va] - mean) / scale) - yf[va])))
+
+    cv_mae = _cross_validate(alphas, folds, _val_mae)
     best_alpha = _pick(alphas, cv_mae, higher_is_better=False, strongest_first=False)
 
     reg, mean, scale = _fit(Xf, yf, best_alpha)

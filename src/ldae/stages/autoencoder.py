@@ -42,9 +42,11 @@ from ldae.nets.perceptual import build_perceptual_loss
 from ldae.stages.common import (
     load_checkpoint,
     load_state_dict_strict,
-    make_trainer,
+    make_datamodule,
     prepare_run,
+    resolve_precision,
     stage_metadata,
+    train,
 )
 
 log = logging.getLogger(__name__)
@@ -272,17 +274,6 @@ def _validate(cfg: dict) -> None:
     lr_factor(0, 1, str(cfg["optim"].get("lr_schedule", "constant")))  # schedule name check
 
 
-def resolve_precision(trainer_cfg: dict) -> str:
-    """``trainer.precision``, with bf16 replaced by 32-true on a CUDA device without bf16 support."""
-    precision = str(trainer_cfg.get("precision", "32-true"))
-    accel = str(trainer_cfg.get("accelerator", "auto"))
-    if precision.startswith("bf16") and accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        if not torch.cuda.is_bf16_supported():
-            log.warning("this GPU has no bf16 support: training in 32-true precision")
-            return "32-true"
-    return precision
-
-
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train stage 1 from a resolved config; return ``out/checkpoints/best.ckpt`` (best ``val/ssim``).
 
@@ -299,33 +290,12 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     perceptual = build_perceptual_loss(cfg["loss"])
     cfg["loss"]["perceptual_status"] = perceptual.status
     data = cfg["data"]
-    datamodule = VolumeDataModule(
-        data["csv"],
-        spacing=data["spacing"],
-        shape=data["shape"],
-        cache=bool(data.get("cache", False)),
-        batch_size=int(data["batch_size"]),
-        eval_batch_size=data.get("eval_batch_size"),
-        num_workers=int(data.get("num_workers", 0)),
-        labels=data.get("labels", ("CN", "MCI", "AD")),
-        seed=int(cfg.get("seed", 0)),
-        test_fraction=float(data.get("test_fraction", 0.1)),
-        val_fraction=float(data.get("val_fraction", 0.01)),
-    )
-    for split in ("train", "val"):
-        if datamodule.rows(split).empty:
-            raise ConfigError(f"{data['csv']}: the '{split}' split is empty (check the CSV's split column "
-                              "or data.val_fraction)")
+    datamodule = make_datamodule(VolumeDataModule, cfg, spacing=data["spacing"], shape=data["shape"],
+                                 cache=bool(data.get("cache", False)))
     out, resume_ckpt = prepare_run(cfg, resume)
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     module = AutoencoderModule(cfg, perceptual=perceptual.loss)
-    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="max")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    best = out / "checkpoints" / "best.ckpt"
-    if not best.is_file():
-        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
-                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
-    return best
+    return train(module, datamodule, cfg, out, resume_ckpt, MONITOR, "max")
 
 
 def load_autoencoder(ckpt_path: str | Path, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, dict]:

@@ -151,6 +151,51 @@ def make_trainer(
     return pl.Trainer(**kwargs)
 
 
+def resolve_precision(trainer_cfg: dict) -> str:
+    """``trainer.precision``, with bf16 replaced by 32-true on a CUDA device without bf16 support."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    accel = str(trainer_cfg.get("accelerator", "auto"))
+    if precision.startswith("bf16") and accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16 support: training in 32-true precision")
+            return "32-true"
+    return precision
+
+
+def make_datamodule(cls: type, cfg: dict, splits: tuple[str, ...] = ("train", "val"), **geometry: Any) -> Any:
+    """``cls(cfg['data']['csv'], **geometry, ...)`` with the batching, label and split settings every stage
+    reads from ``cfg['data']``; ConfigError when one of ``splits`` is empty."""
+    data = cfg["data"]
+    dm = cls(
+        data["csv"], **geometry, batch_size=int(data["batch_size"]), eval_batch_size=data.get("eval_batch_size"),
+        num_workers=int(data.get("num_workers", 0)), labels=data.get("labels", ("CN", "MCI", "AD")),
+        seed=int(cfg.get("seed", 0)), test_fraction=float(data.get("test_fraction", 0.1)),
+        val_fraction=float(data.get("val_fraction", 0.01)),
+    )
+    for split in splits:
+        if dm.rows(split).empty:
+            raise ConfigError(f"{data['csv']}: the '{split}' split is empty (check the CSV's split column "
+                              "or data.val_fraction)")
+    return dm
+
+
+def train(module: Any, datamodule: Any, cfg: dict, out: Path, resume_ckpt: Path | None, monitor: str,
+          mode: str) -> Path:
+    """``Trainer.fit`` of a stage (resuming from ``resume_ckpt``); return its ``best.ckpt``, CheckpointError
+    when training ended before any validation run wrote one."""
+    import warnings
+
+    trainer = make_trainer(cfg, out, monitor=monitor, mode=mode)
+    with warnings.catch_warnings():  # EMA copies and frozen networks are in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    best = out / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
+                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
+    return best
+
+
 def stage_metadata(cfg: dict, stage: str) -> dict:
     """The block stored under ``checkpoint['ldae']``."""
     return {"stage": stage, "preset": cfg.get("preset"), "config": cfg}

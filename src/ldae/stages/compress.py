@@ -35,7 +35,7 @@ from ldae.runs import COMPRESSED_CSV, LATENT_META
 log = logging.getLogger(__name__)
 
 LATENT_DIR = "latents"
-META_REQUIRED = ("scale_factor", "latent_shape", "autoencoder_checkpoint", "spacing", "shape")
+META_REQUIRED = ("scale_factor", "latent_shape")  # what the later stages need; compress writes more
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -231,26 +231,39 @@ def latent_statistics(paths: Sequence[str] | pd.Series, expected_shape: Sequence
 
 
 def read_latent_meta(csv_or_dir: str | os.PathLike) -> dict:
-    """The ``latent_meta.json`` beside a compressed cohort CSV (or in a folder / ``RUN/latents``).
+    """The ``latent_meta.json`` beside a compressed cohort CSV (or in a folder / ``RUN/latents``), checked.
 
-    Raises CohortError when absent or incomplete (e.g. the CSV was not written by ``ldae compress``).
+    ``scale_factor`` (a positive number) and ``latent_shape`` (``[C, D, H, W]``) are required; a relative
+    ``autoencoder_checkpoint`` is resolved against the JSON's folder (None when absent). Raises
+    CohortError naming the file when it is absent, unreadable or invalid.
     """
     import json
+    import math
 
     p = Path(csv_or_dir)
-    if p.is_dir():
-        candidates = [p / LATENT_META, p / LATENT_DIR / LATENT_META]
-    else:
-        candidates = [p.parent / LATENT_META]
+    candidates = [p / LATENT_META, p / LATENT_DIR / LATENT_META] if p.is_dir() else [p.parent / LATENT_META]
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise CohortError(f"{csv_or_dir}: no {LATENT_META} found (looked for {', '.join(map(str, candidates))}); "
                           "run `ldae compress` first")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CohortError(f"{path}: invalid JSON ({exc.msg})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CohortError(f"{path}: cannot read latent metadata ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise CohortError(f"{path}: expected a JSON object")
     missing = [k for k in META_REQUIRED if k not in meta]
     if missing:
         raise CohortError(f"{path}: missing key(s) {', '.join(missing)}; rerun `ldae compress`")
-    return meta
+    scale = meta["scale_factor"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise CohortError(f"{path}: key 'scale_factor' must be a positive number, got {scale!r}")
+    shape = meta["latent_shape"]
+    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise CohortError(f"{path}: key 'latent_shape' must be [C, D, H, W] (positive ints), got {shape!r}")
+    ae = meta.get("autoencoder_checkpoint")
+    if ae:
+        ae_path = Path(ae).expanduser()
+        ae = str(ae_path if ae_path.is_absolute() else (path.parent / ae_path).resolve())
+    return {**meta, "scale_factor": float(scale), "latent_shape": [int(s) for s in shape],
+            "autoencoder_checkpoint": ae or None}

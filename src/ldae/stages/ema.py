@@ -13,6 +13,7 @@ first in a LightningModule's bases) re-applies ``eval()`` to marked modules afte
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,3 +99,23 @@ class EMA(nn.Module):
     def train(self, mode: bool = True) -> EMA:
         """The shadow copy is never put in training mode."""
         return super().train(False)
+
+
+def adam_from_config(params: Any, optim: dict, decoupled: bool = False) -> torch.optim.Optimizer:
+    """Adam (AdamW with ``decoupled``) from a stage's ``optim`` section: ``lr``, ``betas``, ``weight_decay``."""
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(params, lr=float(optim["lr"]), betas=tuple(float(b) for b in optim.get("betas", (0.9, 0.999))),
+               weight_decay=float(optim.get("weight_decay", 0.0)))
+
+
+class EMAStepMixin:
+    """LightningModule mixin (first in the bases): after every optimiser step, each ``(ema, net)`` of
+    :meth:`ema_pairs` is updated."""
+
+    def ema_pairs(self) -> list[tuple[EMA, nn.Module]]:
+        raise NotImplementedError
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)  # type: ignore[misc]
+        for ema, net in self.ema_pairs():
+            ema.update(net)

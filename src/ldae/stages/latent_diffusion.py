@@ -17,10 +17,7 @@ latent shape and the autoencoder checkpoint path under ``checkpoint['ldae']``.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +31,16 @@ from ldae.diffusion.ddim import ddim_sample
 from ldae.diffusion.schedule import NoiseSchedule
 from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.unet import LatentUNet, check_config
-from ldae.runs import LATENT_META
 from ldae.stages.common import (
     load_checkpoint,
     load_state_dict_strict,
-    make_trainer,
+    make_datamodule,
     prepare_run,
     stage_metadata,
+    train,
 )
-from ldae.stages.ema import EMA, freeze
+from ldae.stages.compress import read_latent_meta
+from ldae.stages.ema import EMA, EMAStepMixin, adam_from_config, freeze
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +51,6 @@ SECTIONS = ("data", "model", "diffusion", "ema", "optim", "validation", "trainer
 
 
 # ---------------------------------------------------------------------- latent metadata
-
-
-def read_latent_meta(csv: str | Path) -> dict:
-    """``latent_meta.json`` beside the compressed cohort CSV, validated; the autoencoder checkpoint
-    path is resolved against the JSON's folder (None when absent)."""
-    path = Path(csv).parent / LATENT_META
-    if not path.is_file():
-        raise ConfigError(f"{path}: latent metadata not found (`ldae compress` writes it beside {Path(csv).name})")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read latent metadata ({str(exc).splitlines()[0]})") from None
-    if not isinstance(meta, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    scale = meta.get("scale_factor")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ConfigError(f"{path}: key 'scale_factor' must be a positive number, got {scale!r}")
-    shape = meta.get("latent_shape")
-    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ConfigError(f"{path}: key 'latent_shape' must be [C, D, H, W] (positive ints), got {shape!r}")
-    ae = meta.get("autoencoder_checkpoint")
-    if ae:
-        ae_path = Path(ae).expanduser()
-        ae = str(ae_path if ae_path.is_absolute() else (path.parent / ae_path).resolve())
-    return {"scale_factor": float(scale), "latent_shape": [int(s) for s in shape], "autoencoder_checkpoint": ae or None}
 
 
 def load_autoencoder_or_none(ckpt: str | Path | None, device: torch.device | str) -> tuple[Any, dict] | None:
@@ -97,7 +70,7 @@ def load_autoencoder_or_none(ckpt: str | Path | None, device: torch.device | str
 # ---------------------------------------------------------------------- training module
 
 
-class LatentDiffusionModule(pl.LightningModule):
+class LatentDiffusionModule(EMAStepMixin, pl.LightningModule):
     """ε-prediction training of :class:`LatentUNet` on scaled latents, with an EMA copy."""
 
     def __init__(
@@ -143,9 +116,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0])
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.unet)
+    def ema_pairs(self) -> list[tuple[EMA, torch.nn.Module]]:
+        return [(self.ema, self.unet)]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         z0 = batch["latent"] * self.scale_factor
@@ -188,13 +160,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return save_mosaic(path, rows, vmin=None, vmax=None, title=title + " (latents)")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        o = self.cfg["optim"]
-        return torch.optim.Adam(
-            self.unet.parameters(),
-            lr=float(o["lr"]),
-            betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),
-            weight_decay=float(o.get("weight_decay", 0.0)),
-        )
+        return adam_from_config(self.unet.parameters(), self.cfg["optim"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = stage_metadata(self.cfg, STAGE)
@@ -226,41 +192,19 @@ def _validate(cfg: dict) -> None:
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train stage 2 from a resolved config; return ``out/checkpoints/best.ckpt`` (lowest ``val/loss``)."""
     from ldae.data.datamodule import LatentDataModule
-    from ldae.stages.autoencoder import resolve_precision
+    from ldae.stages.common import resolve_precision
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
     cfg["trainer"]["precision"] = resolve_precision(cfg["trainer"])  # bf16 -> 32-true on old GPUs
     data = cfg["data"]
     meta = read_latent_meta(data["csv"])
-    datamodule = LatentDataModule(
-        data["csv"],
-        latent_shape=meta["latent_shape"],
-        batch_size=int(data["batch_size"]),
-        eval_batch_size=data.get("eval_batch_size"),
-        num_workers=int(data.get("num_workers", 0)),
-        labels=data.get("labels", ("CN", "MCI", "AD")),
-        seed=int(cfg.get("seed", 0)),
-        test_fraction=float(data.get("test_fraction", 0.1)),
-        val_fraction=float(data.get("val_fraction", 0.01)),
-    )
-    for split in ("train", "val"):
-        if datamodule.rows(split).empty:
-            raise ConfigError(f"{data['csv']}: the '{split}' split is empty (check the CSV's split column "
-                              "or data.val_fraction)")
+    datamodule = make_datamodule(LatentDataModule, cfg, latent_shape=meta["latent_shape"])
     datamodule.setup("fit")  # reads every latent: a bad NPZ fails here, before a run folder is created
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     module = LatentDiffusionModule(cfg, meta["scale_factor"], meta["latent_shape"], meta["autoencoder_checkpoint"])
     out, resume_ckpt = prepare_run(cfg, resume)
-    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="min")
-    with warnings.catch_warnings():  # the EMA copy is in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    best = out / "checkpoints" / "best.ckpt"
-    if not best.is_file():
-        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
-                              "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
-    return best
+    return train(module, datamodule, cfg, out, resume_ckpt, MONITOR, "min")
 
 
 @dataclass

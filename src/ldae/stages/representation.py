@@ -26,18 +26,20 @@ import torch
 from ldae.config import get_dotted
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
 from ldae.diffusion.pdae import guided_eps_fn, pdae_loss
+from ldae.distributed import is_main_process
 from ldae.errors import CheckpointError, ConfigError
 from ldae.io import write_json
 from ldae.nets.semantic_encoder import build_semantic_encoder
 from ldae.stages.common import (
     load_checkpoint,
     load_state_dict_strict,
-    make_trainer,
+    make_datamodule,
     prepare_run,
     stage_metadata,
+    train,
     weights_fingerprint,
 )
-from ldae.stages.ema import EMA, freeze
+from ldae.stages.ema import EMA, EMAStepMixin, adam_from_config, freeze
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ SECTIONS = ("data", "model", "loss", "ema", "optim", "validation", "trainer")
 YSEM_STATS = "ysem_stats.json"
 
 
-class RepresentationModule(pl.LightningModule):
+class RepresentationModule(EMAStepMixin, pl.LightningModule):
     """Semantic encoder + gradient estimator trained on a frozen latent DDPM."""
 
     def __init__(self, cfg: dict, diffusion_checkpoint: str) -> None:
@@ -92,16 +94,11 @@ class RepresentationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0])
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.ema_encoder.update(self.encoder)
-        self.ema_shift.update(self.shift)
+    def ema_pairs(self) -> list[tuple[EMA, torch.nn.Module]]:
+        return [(self.ema_encoder, self.encoder), (self.ema_shift, self.shift)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        o = self.cfg["optim"]
-        params = list(self.encoder.parameters()) + list(self.shift.parameters())
-        return torch.optim.Adam(params, lr=float(o["lr"]), betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),
-                                weight_decay=float(o.get("weight_decay", 0.0)))
+        return adam_from_config([*self.encoder.parameters(), *self.shift.parameters()], self.cfg["optim"])
 
     # ---------------------------------------------------------------- validation
     def autoencoder(self) -> torch.nn.Module:
@@ -195,7 +192,7 @@ def _image_geometry(autoencoder_checkpoint: str | None) -> tuple[Any, list[int]]
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train stage 3; return ``out/checkpoints/best.ckpt`` (highest semantic-only validation SSIM)."""
     from ldae.data.datamodule import ImageLatentDataModule
-    from ldae.stages.latent_diffusion import read_latent_meta
+    from ldae.stages.compress import read_latent_meta
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
@@ -208,24 +205,12 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     if n_slices != shape[-1]:
         raise ConfigError(f"model.semantic_encoder.num_slices is {n_slices} but the volumes have {shape[-1]} "
                           f"axial slices (shape {shape})")
-    datamodule = ImageLatentDataModule(
-        data["csv"], spacing=spacing, shape=shape, latent_shape=meta["latent_shape"],
-        cache=bool(data.get("cache", True)), batch_size=int(data["batch_size"]),
-        eval_batch_size=data.get("eval_batch_size"), num_workers=int(data.get("num_workers", 0)),
-        labels=data.get("labels", ("CN", "MCI", "AD")), seed=int(cfg.get("seed", 0)),
-        test_fraction=float(data.get("test_fraction", 0.1)), val_fraction=float(data.get("val_fraction", 0.01)),
-    )
-    for split in ("train", "val"):
-        if datamodule.rows(split).empty:
-            raise ConfigError(f"{data['csv']}: the '{split}' split is empty")
+    datamodule = make_datamodule(ImageLatentDataModule, cfg, spacing=spacing, shape=shape,
+                                 latent_shape=meta["latent_shape"], cache=bool(data.get("cache", True)))
     datamodule.setup("fit")  # reads every latent: a bad NPZ fails here, before a run folder is created
     out, resume_ckpt = prepare_run(cfg, resume)
-    trainer = make_trainer(cfg, out, monitor=MONITOR, mode="max")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    best = out / "checkpoints" / "best.ckpt"
-    if not best.is_file():
-        raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written")
-    if trainer.is_global_zero:
+    best = train(module, datamodule, cfg, out, resume_ckpt, MONITOR, "max")
+    if is_main_process():
         save_ysem_stats(best, datamodule, out / "checkpoints" / YSEM_STATS)
     return best
 
