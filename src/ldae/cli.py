@@ -67,6 +67,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, modules
 
 
+def _quiet_lightning() -> None:
+    """Lightning prints through its own handler on the ``lightning`` logger: keep those records from also
+    reaching ours (every line twice), and drop its advertising tip."""
+    logging.getLogger("lightning").propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ldae`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -81,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ldae").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    _quiet_lightning()
     try:
         code = module.run(args)  # type: ignore[attr-defined]
     except KeyboardInterrupt:
