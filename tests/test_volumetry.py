@@ -98,17 +98,20 @@ def test_isotropic_scaling_batch(tpl) -> None:
     from ldae.evaluation.volumetry import measure_volumes_batch, template_volumes
 
     c = tpl["center"]
-    scales = (1.1, 0.9)
+    scales = (1.0, 1.1, 0.9)
     items = [(tpl["image"](lambda x, s=s: c + (x - c) / s), tpl["A"]) for s in scales]
     calls = []
+    # the unscaled reference is measured in the same single-threaded workers: multi-threaded ITK sums in a
+    # load-dependent order, which made the 10 % tolerance on the small hippocampus flaky under a busy CPU
     results = measure_volumes_batch(
         items, workers=2, progress=lambda done, total: calls.append((done, total))
     )
-    assert calls[-1] == (2, 2)
+    assert calls[-1] == (3, 3)
     truth = template_volumes()
-    for s, res in zip(scales, results):
+    ref = results[0]
+    for s, res in zip(scales[1:], results[1:]):
         for key in ("ventricle_ml", "hippocampus_ml", "brain_ml"):
-            ratio = res[key] / tpl["ref"][key]
+            ratio = res[key] / ref[key]
             assert ratio == pytest.approx(s**3, rel=0.10), (s, key, ratio)
             assert res[key] == pytest.approx(truth[key] * s**3, rel=0.12), (s, key)
 
