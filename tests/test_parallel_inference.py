@@ -119,3 +119,12 @@ def test_launch_rejects_bad_device_arguments() -> None:
                             ({"device": "cuda:1", "devices": 2}, "names one device")):
         with pytest.raises(ConfigError, match=message):
             launch(**kwargs)
+
+
+def test_unshard_inverts_shard() -> None:
+    import torch
+
+    items = list("abcdefghij")
+    for world in (1, 2, 3, 4):
+        ranks = [Workers(rank=r, world_size=world, device=torch.device("cpu")) for r in range(world)]
+        assert ranks[0].unshard([w.shard(items) for w in ranks]) == items

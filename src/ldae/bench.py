@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from ldae.config import configs_root, load_config, load_preset
-from ldae.errors import ConfigError, LDAEError
+from ldae.distributed import resolve_device
+from ldae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -169,21 +170,6 @@ class PresetConfigs:
 
 
 # ----------------------------------------------------------------------------- measuring tools
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; LDAEError for CUDA requested but absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LDAEError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device: only cpu and cuda are supported, got {name!r}")
-    return device
 
 
 def synchronize(device: torch.device) -> None:

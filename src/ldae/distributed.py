@@ -42,9 +42,10 @@ class Workers:
         across processes, together all of them, no padding."""
         return list(items[self.rank :: self.world_size])
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            self.fabric.barrier()
+    def unshard(self, parts: Sequence[Sequence[T]]) -> list[T]:
+        """The inverse of :meth:`shard`: every process's share (``gather`` order) back in the original order."""
+        total = sum(len(p) for p in parts)
+        return [parts[i % self.world_size][i // self.world_size] for i in range(total)]
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every process, in rank order (any picklable object)."""
@@ -81,11 +82,26 @@ class Workers:
         return obj if self.world_size == 1 else self.fabric.broadcast(obj, src=0)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; LDAEError for CUDA requested but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LDAEError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: only cpu and cuda are supported, got {name!r}")
+    return device
+
+
 def _accelerator(device: str) -> tuple[str, Any]:
     """``--device`` (cpu, cuda, cuda:1, mps, auto) as Fabric's (accelerator, devices-or-None)."""
     name = device.strip().lower()
     if name == "auto":
-        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+        return resolve_device("auto").type, None
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda", "gpu", "mps"):
         raise ConfigError(f"--device '{device}': expected cpu, cuda, cuda:<index>, mps or auto")

@@ -30,15 +30,6 @@ def add_common(p: argparse.ArgumentParser, scans: str = "+") -> None:
         add_parallel_arguments(p)
 
 
-def device(name: str) -> str:
-    """``--device`` with ``auto`` resolved (cuda when available, else cpu)."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def scan_list(args: argparse.Namespace) -> list[tuple[str, str]]:
     """``(output name, path)`` of every scan the command was given (positional, then ``--csv`` rows);
     LDAEError when there are none or two would write the same outputs."""

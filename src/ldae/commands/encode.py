@@ -33,14 +33,13 @@ def run(args: argparse.Namespace) -> int:
                 done.append((name, y.cpu().numpy()[0], z.cpu().numpy()[0]))
         return done
 
-    parts = workers.gather(workers.together(encode_mine))
+    done = workers.unshard(workers.gather(workers.together(encode_mine)))  # in the scans' order
     if not workers.is_main:
         return 0
-    by_name = {name: (y, z) for part in parts for name, y, z in part}
-    names = [name for name, _ in _inference.scan_list(args)]
-    arrays = {"y_sem": np.stack([by_name[n][0] for n in names]), "names": np.array(names)}
+    names = [name for name, _, _ in done]
+    arrays = {"y_sem": np.stack([y for _, y, _ in done]), "names": np.array(names)}
     if not args.semantic_only:
-        arrays["z_T"] = np.stack([by_name[n][1] for n in names])
+        arrays["z_T"] = np.stack([z for _, _, z in done])
     path = write_npz(Path(args.out) / "encodings.npz", **arrays)
     print(f"{len(names)} scan(s) encoded -> {path} (y_sem {arrays['y_sem'].shape}"
           + (f", z_T {arrays['z_T'].shape})" if "z_T" in arrays else ")"))

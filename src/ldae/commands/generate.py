@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ldae.distributed import resolve_device
     from ldae.errors import ConfigError
     from ldae.io import write_nifti
     from ldae.runs import find_checkpoint
@@ -54,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     ckpt = find_checkpoint(args.model, "diffusion")
     ldm = load_latent_diffusion(ckpt, device)
     autoencoder, ae_cfg = load_autoencoder(_autoencoder_checkpoint(args, ldm.autoencoder_checkpoint), device)

@@ -47,13 +47,13 @@ def _print_table(result) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ldae.commands._inference import device
+    from ldae.distributed import resolve_device
     from ldae.io import write_csv
     from ldae.predict import predict
 
     result = predict(args.model, args.scans, probes=args.probes, batch_size=args.batch_size,
                      preprocess=args.preprocess, preprocess_config=args.preprocess_config,
-                     fov_tolerance=args.fov_tolerance, device=device(args.device))
+                     fov_tolerance=args.fov_tolerance, device=resolve_device(args.device))
     if args.csv:
         write_csv(args.csv, result.table())
     if args.save_embeddings:

@@ -38,12 +38,6 @@ GT_VOLUMES = ("ventricle_volume_ml", "hippocampus_volume_ml", "brain_volume_ml")
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _progress(items: list, description: str) -> Any:
     from rich.progress import track
 
@@ -315,6 +309,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     """Run the whole suite; return the path of ``out/metrics.json``."""
     from ldae.config import apply_overrides, load_preset, save_config
     from ldae.data.cohort import ensure_split, read_cohort
+    from ldae.distributed import resolve_device
     from ldae.evaluation.plots import plot_lda, plot_manipulation, plot_triplet_scores
     from ldae.evaluation.probes import lda_projection, save_probes
     from ldae.model import LDAE
@@ -330,7 +325,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     cfg = apply_overrides(cfg, list(overrides))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    seed, bs, device = int(cfg.get("seed", 0)), int(cfg["batch_size"]), _device(str(cfg.get("device", "auto")))
+    seed, bs, device = int(cfg.get("seed", 0)), int(cfg["batch_size"]), resolve_device(str(cfg.get("device", "auto")))
     model = LDAE.load(run, device=device)
     df = ensure_split(read_cohort(csv), seed=seed)
     scans = ScanCache(df, model.spacing, model.shape, device)
