@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ldae.errors import CohortError, LDAEError
+from ldae.errors import CohortError, LDAEError, find_user_error
 
 log = logging.getLogger(__name__)
 PROBES_FILE = "probes.json"
@@ -167,18 +167,6 @@ def check_scan(path: str | Path, spacing: float | Sequence[float] | None = None,
             f"{' x '.join(f'{v:.0f}' for v in want)} mm (shape {tuple(int(s) for s in shape)} at {spacing} mm): "
             "not a model-ready scan; use --preprocess (or `ldae preprocess`) for raw T1s"
         )
-
-
-def _user_error(exc: BaseException) -> LDAEError | None:
-    """The LDAEError behind ``exc`` (MONAI wraps errors raised inside transforms in RuntimeError)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, LDAEError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
 
 
 # ------------------------------------------------------------------------------------------ preprocess
@@ -329,7 +317,7 @@ def _load_batch(model: Any, paths: Sequence[Path], names: Sequence[str]) -> Any:
         try:
             vols.append(model.load_volume(path)[0])
         except Exception as exc:
-            err = _user_error(exc)
+            err = find_user_error(exc)
             if err is None:
                 raise
             message = str(err)
