@@ -37,6 +37,7 @@ from ldae.stages.common import (
     load_checkpoint,
     load_state_dict_strict,
     prepare_run,
+    require_sections,
     stage_metadata,
     train,
 )
@@ -187,11 +188,7 @@ class SupervisedModule(pl.LightningModule):
 
 
 def _validate(cfg: dict) -> None:
-    for section in SECTIONS:
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
-    if not get_dotted(cfg, "data.csv"):
-        raise ConfigError("config key 'data.csv' is not set: pass --data.csv COHORT.csv")
+    require_sections(cfg, SECTIONS, STAGE)
     _check_loss_config(cfg)
 
 

@@ -54,9 +54,11 @@ from ldae.nets.unet import (
     count_parameters,
 )
 from ldae.stages.common import (
+    check_ema_decay,
     load_checkpoint,
     load_state_dict_strict,
     prepare_run,
+    require_sections,
     stage_metadata,
     train,
 )
@@ -268,14 +270,8 @@ class VoxelDAEModule(EMAStepMixin, pl.LightningModule):
 
 
 def _validate(cfg: dict) -> None:
-    for section in SECTIONS:
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
-    if not get_dotted(cfg, "data.csv"):
-        raise ConfigError("config key 'data.csv' is not set: pass --data.csv COHORT.csv")
-    decay = cfg["ema"].get("decay")
-    if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise ConfigError(f"config key 'ema.decay' must be in [0, 1), got {decay!r}")
+    require_sections(cfg, SECTIONS, STAGE)
+    check_ema_decay(cfg)
     for key in ("validation.ddim_steps", "inference.ddim_steps"):
         value = get_dotted(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

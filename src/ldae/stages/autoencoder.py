@@ -27,7 +27,6 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL
 
-from ldae.config import get_dotted
 from ldae.errors import CheckpointError, ConfigError
 from ldae.evaluation.metrics import reconstruction_metrics
 from ldae.nets.autoencoder import (
@@ -44,6 +43,7 @@ from ldae.stages.common import (
     load_state_dict_strict,
     make_datamodule,
     prepare_run,
+    require_sections,
     resolve_precision,
     stage_metadata,
     train,
@@ -261,15 +261,11 @@ def lr_factor(epoch: int, max_epochs: int, schedule: str = "constant", min_facto
 
 
 def _validate(cfg: dict) -> None:
-    for section in ("data", "model", "discriminator", "loss", "optim", "trainer"):
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
+    require_sections(cfg, ("data", "model", "discriminator", "loss", "optim", "trainer"), STAGE)
     for key in ("accumulate_grad_batches", "gradient_clip_val"):
         if key in cfg["trainer"]:
             raise ConfigError(f"config key 'trainer.{key}' is not supported by the two-optimizer "
                               f"autoencoder stage: use 'optim.{key}'")
-    if not get_dotted(cfg, "data.csv"):
-        raise ConfigError("config key 'data.csv' is not set: pass --data.csv COHORT.csv")
     latent_shape(cfg["model"], cfg["data"]["shape"])  # divisibility check
     lr_factor(0, 1, str(cfg["optim"].get("lr_schedule", "constant")))  # schedule name check
 

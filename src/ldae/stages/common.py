@@ -162,6 +162,24 @@ def resolve_precision(trainer_cfg: dict) -> str:
     return precision
 
 
+def require_sections(cfg: dict, sections: tuple[str, ...], stage: str, csv_hint: str = "COHORT.csv") -> None:
+    """ConfigError for the first of ``sections`` that is not a mapping, or for an unset ``data.csv``."""
+    from ldae.config import get_dotted
+
+    for section in sections:
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"config section '{section}' is missing (stage '{stage}')")
+    if not get_dotted(cfg, "data.csv"):
+        raise ConfigError(f"config key 'data.csv' is not set: pass --data.csv {csv_hint}")
+
+
+def check_ema_decay(cfg: dict) -> None:
+    """ConfigError unless ``ema.decay`` is a number in [0, 1)."""
+    decay = cfg["ema"].get("decay")
+    if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ConfigError(f"config key 'ema.decay' must be in [0, 1), got {decay!r}")
+
+
 def make_datamodule(cls: type, cfg: dict, splits: tuple[str, ...] = ("train", "val"), **geometry: Any) -> Any:
     """``cls(cfg['data']['csv'], **geometry, ...)`` with the batching, label and split settings every stage
     reads from ``cfg['data']``; ConfigError when one of ``splits`` is empty."""

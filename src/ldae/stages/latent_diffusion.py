@@ -32,10 +32,12 @@ from ldae.diffusion.schedule import NoiseSchedule
 from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.unet import LatentUNet, check_config
 from ldae.stages.common import (
+    check_ema_decay,
     load_checkpoint,
     load_state_dict_strict,
     make_datamodule,
     prepare_run,
+    require_sections,
     stage_metadata,
     train,
 )
@@ -177,14 +179,8 @@ class LatentDiffusionModule(EMAStepMixin, pl.LightningModule):
 
 
 def _validate(cfg: dict) -> None:
-    for section in SECTIONS:
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
-    if not get_dotted(cfg, "data.csv"):
-        raise ConfigError("config key 'data.csv' is not set: pass --data.csv RUN/latents/cohort_with_compressed_latent.csv")
-    decay = cfg["ema"].get("decay")
-    if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise ConfigError(f"config key 'ema.decay' must be in [0, 1), got {decay!r}")
+    require_sections(cfg, SECTIONS, STAGE, "RUN/latents/cohort_with_compressed_latent.csv")
+    check_ema_decay(cfg)
     NoiseSchedule.from_config(cfg["diffusion"])
     check_config(cfg["model"])
 

@@ -35,6 +35,7 @@ from ldae.stages.common import (
     load_state_dict_strict,
     make_datamodule,
     prepare_run,
+    require_sections,
     stage_metadata,
     train,
     weights_fingerprint,
@@ -169,11 +170,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
 
 
 def _validate(cfg: dict) -> None:
-    for section in SECTIONS:
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"config section '{section}' is missing (stage '{STAGE}')")
-    if not get_dotted(cfg, "data.csv"):
-        raise ConfigError("config key 'data.csv' is not set: pass --data.csv RUN/latents/cohort_with_compressed_latent.csv")
+    require_sections(cfg, SECTIONS, STAGE, "RUN/latents/cohort_with_compressed_latent.csv")
     if not cfg.get("diffusion_checkpoint"):
         raise ConfigError("config key 'diffusion_checkpoint' is not set: pass --diffusion_checkpoint RUN/diffusion/checkpoints/best.ckpt")
     if not isinstance(get_dotted(cfg, "model.semantic_encoder"), dict):
