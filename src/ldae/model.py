@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldae.data.transforms import ModelReadyInput
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
 from ldae.diffusion.pdae import guided_eps_fn
 from ldae.errors import CheckpointError, LDAEError
@@ -32,7 +33,7 @@ Tensor = torch.Tensor
 
 
 @dataclass
-class LDAE:
+class LDAE(ModelReadyInput):
     """A trained LDAE (all networks frozen, eval mode) with its inference operations."""
 
     autoencoder: torch.nn.Module
@@ -98,21 +99,7 @@ class LDAE:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def load_volume(self, path: str | Path) -> tuple[Tensor, np.ndarray]:
-        """A model-ready scan ``(1, 1, D, H, W)`` on the model's device and its output affine."""
-        from ldae.data.transforms import load_model_ready
-
-        vol = load_model_ready(path, self.spacing, self.shape)
-        affine = np.asarray(vol.affine, dtype=np.float64)
-        return vol.as_tensor()[None].to(self.device), affine
-
     # ------------------------------------------------------------------ building blocks
-    def _check(self, x: Tensor) -> Tensor:
-        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(self.shape):
-            raise LDAEError(f"expected volumes of shape (B, 1, {', '.join(map(str, self.shape))}), "
-                            f"got {tuple(x.shape)}")
-        return x.to(self.device, torch.float32)
-
     @torch.no_grad()
     def compress(self, x: Tensor) -> Tensor:
         """Scaled latents (posterior means × scale factor) of volumes ``x``."""

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldae.config import get_dotted
-from ldae.errors import CheckpointError, ConfigError, LDAEError
+from ldae.data.transforms import ModelReadyInput
+from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.semantic_encoder import SemanticEncoder, build_semantic_encoder
 from ldae.stages.common import (
     load_checkpoint,
@@ -224,7 +225,7 @@ def fit(cfg: dict, resume: bool = False) -> Path:
 
 
 @dataclass
-class SupervisedEncoder:
+class SupervisedEncoder(ModelReadyInput):
     """A trained supervised encoder: ``semantic(x)`` gives the embedding the probes are run on."""
 
     net: SupervisedNet
@@ -240,19 +241,6 @@ class SupervisedEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
-
-    def load_volume(self, path: str | Path) -> tuple[Tensor, np.ndarray]:
-        """A model-ready scan ``(1, 1, D, H, W)`` on the model's device and its affine."""
-        from ldae.data.transforms import load_model_ready
-
-        vol = load_model_ready(path, self.spacing, self.shape)
-        return vol.as_tensor()[None].to(self.device), np.asarray(vol.affine, dtype=np.float64)
-
-    def _check(self, x: Tensor) -> Tensor:
-        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(self.shape):
-            raise LDAEError(f"expected volumes of shape (B, 1, {', '.join(map(str, self.shape))}), "
-                            f"got {tuple(x.shape)}")
-        return x.to(self.device, torch.float32)
 
     @torch.no_grad()
     def semantic(self, x: Tensor) -> Tensor:

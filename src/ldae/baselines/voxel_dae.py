@@ -33,15 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldae.config import get_dotted
+from ldae.data.transforms import ModelReadyInput
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
 from ldae.diffusion.schedule import NoiseSchedule
-from ldae.errors import CheckpointError, ConfigError, LDAEError
+from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.semantic_encoder import SemanticEncoder, build_semantic_encoder
 from ldae.nets.unet import (
     AttentionBlock,
@@ -311,7 +311,7 @@ def fit(cfg: dict, resume: bool = False) -> Path:
 
 
 @dataclass
-class VoxelDAE:
+class VoxelDAE(ModelReadyInput):
     """A voxel-space diffusion autoencoder for inference (same conventions as :class:`ldae.model.LDAE`).
 
     ``x`` volumes are ``(B, 1, D, H, W)`` in [0, 1]; ``x_T`` is in the [-1, 1] diffusion space.
@@ -338,19 +338,6 @@ class VoxelDAE:
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
-
-    def load_volume(self, path: str | Path) -> tuple[Tensor, np.ndarray]:
-        """A model-ready scan ``(1, 1, D, H, W)`` on the model's device and its affine."""
-        from ldae.data.transforms import load_model_ready
-
-        vol = load_model_ready(path, self.spacing, self.shape)
-        return vol.as_tensor()[None].to(self.device), np.asarray(vol.affine, dtype=np.float64)
-
-    def _check(self, x: Tensor) -> Tensor:
-        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(self.shape):
-            raise LDAEError(f"expected volumes of shape (B, 1, {', '.join(map(str, self.shape))}), "
-                            f"got {tuple(x.shape)}")
-        return x.to(self.device, torch.float32)
 
     def eps_fn(self, y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         """``eps_fn(x_t, t)`` for :mod:`ldae.diffusion.ddim`, conditioned on ``y``."""

@@ -105,3 +105,26 @@ def load_model_ready(
 ) -> torch.Tensor:
     """One scan through :func:`volume_transforms`: a ``(1, D, H, W)`` MetaTensor in [0, 1]."""
     return volume_transforms(spacing, shape)({"image": str(path)})["image"]
+
+
+class ModelReadyInput:
+    """Mixin of the inference models (attributes ``spacing``, ``shape``, property ``device``): read a scan
+    model-ready and check a batch of volumes against the model's grid."""
+
+    spacing: Any
+    shape: tuple[int, ...]
+    device: torch.device
+
+    def load_volume(self, path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
+        """A model-ready scan ``(1, 1, D, H, W)`` on the model's device and its (output) affine."""
+        vol = load_model_ready(path, self.spacing, self.shape)
+        return vol.as_tensor()[None].to(self.device), np.asarray(vol.affine, dtype=np.float64)
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as float32 on the model's device; LDAEError unless it is ``(B, 1, *shape)``."""
+        from ldae.errors import LDAEError
+
+        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(self.shape):
+            raise LDAEError(f"expected volumes of shape (B, 1, {', '.join(map(str, self.shape))}), "
+                            f"got {tuple(x.shape)}")
+        return x.to(self.device, torch.float32)
