@@ -128,3 +128,39 @@ def test_unshard_inverts_shard() -> None:
     for world in (1, 2, 3, 4):
         ranks = [Workers(rank=r, world_size=world, device=torch.device("cpu")) for r in range(world)]
         assert ranks[0].unshard([w.shard(items) for w in ranks]) == items
+
+
+_PARENT = r"""
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]],
+                         env=dict(os.environ, LDAE_LAUNCHER_PID=str(os.getpid())))
+while not os.path.exists(sys.argv[3] + ".ready") and child.poll() is None:
+    time.sleep(0.05)
+time.sleep(1.0)
+open(sys.argv[3] + ".parent", "w").write(repr(time.time()))
+"""
+_CHILD = r"""
+import sys, time
+import torch
+from ldae.distributed import Workers
+open(sys.argv[2] + ".ready", "w").close()
+Workers(rank=1, world_size=2, device=torch.device("cpu"), failed=sys.argv[1] == "failed").close()
+open(sys.argv[2] + ".child", "w").write(repr(time.time()))
+"""
+
+
+@pytest.mark.parametrize("failed", [True, False])
+def test_spawned_process_outlives_its_launcher_only_after_a_failure(failed: bool, tmp_path: Path) -> None:
+    """After a failure, a process spawned by ``--devices N`` exits after the main one (Lightning's launcher
+    would SIGKILL the main process on seeing a child's non-zero exit); after success it does not wait."""
+    import time
+
+    stamp = tmp_path / "stamp"
+    subprocess.run([sys.executable, "-c", _PARENT, _CHILD, "failed" if failed else "ok", str(stamp)],
+                   check=True, timeout=120)
+    deadline = time.monotonic() + 60
+    while not Path(f"{stamp}.child").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parent_exit = float(Path(f"{stamp}.parent").read_text())
+    child_exit = float(Path(f"{stamp}.child").read_text())
+    assert (child_exit >= parent_exit) if failed else (child_exit < parent_exit - 0.5)

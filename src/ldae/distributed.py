@@ -10,8 +10,10 @@ writes the shared outputs (CSV, JSON, merged NPZ).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +24,7 @@ from ldae.errors import ConfigError, LDAEError, find_user_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_PARENT_ENV = "LDAE_LAUNCHER_PID"  # set by a process that spawns its peers itself (``--devices N``)
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Workers:
     world_size: int
     device: torch.device
     fabric: Any = None  # lightning.fabric.Fabric, absent for a plain single process
+    failed: bool = False  # a :meth:`together` call failed on some process
 
     @property
     def is_main(self) -> bool:
@@ -67,12 +71,14 @@ class Workers:
                 raise failure
             return result  # type: ignore[return-value]
         user_error = find_user_error(failure)
+        self.failed = self.failed or failure is not None
         reports = self.gather(None if failure is None else
                               (True, str(user_error)) if user_error is not None else (False, str(failure)))
         if failure is not None:
             raise failure
         for rank, report in enumerate(reports):
             if report is not None:
+                self.failed = True
                 user_error, message = report
                 raise (LDAEError if user_error else RuntimeError)(f"process {rank} failed: {message}")
         return result  # type: ignore[return-value]
@@ -80,6 +86,32 @@ class Workers:
     def broadcast(self, obj: Any) -> Any:
         """The main process's ``obj`` on every process."""
         return obj if self.world_size == 1 else self.fabric.broadcast(obj, src=0)
+
+    def close(self) -> None:
+        """Tear the process group down while Python is still whole (run at exit by :func:`launch`).
+
+        Left to interpreter shutdown, gloo's threads and the rank-0 store can be destroyed in an order
+        that aborts the process ("terminate called without an active exception", exit -6) after the work
+        is done. After a failure, a process that the main one spawned also waits (at most a minute) for
+        the main process to exit first: Lightning's launcher SIGKILLs the main process as soon as one of
+        its children exits non-zero, which would replace the main process's one-line error and exit
+        code 2 by a kill.
+        """
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        parent = os.environ.get(_PARENT_ENV)
+        if self.failed and not self.is_main and parent is not None and parent == str(os.getppid()):
+            wait_for_exit(int(parent), timeout_s=60.0)
+
+
+def wait_for_exit(pid: int, timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Wait until this process's parent ``pid`` has exited (we are re-parented); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while os.getppid() == pid:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,9 +162,13 @@ def launch(device: str = "cpu", devices: int = 1, num_nodes: int = 1, strategy: 
 
     fabric = Fabric(accelerator=accelerator, devices=int(devices), num_nodes=int(num_nodes),
                     strategy="ddp" if strategy == "auto" else strategy)
+    if "LOCAL_RANK" not in os.environ:  # not a launched process: Fabric spawns the peers, they inherit this
+        os.environ[_PARENT_ENV] = str(os.getpid())
     fabric.launch()
     log.debug("rank %d of %d on %s", fabric.global_rank, fabric.world_size, fabric.device)
-    return Workers(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
+    workers = Workers(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
+    atexit.register(workers.close)
+    return workers
 
 
 def is_main_process() -> bool:
