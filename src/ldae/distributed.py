@@ -97,11 +97,18 @@ class Workers:
         its children exits non-zero, which would replace the main process's one-line error and exit
         code 2 by a kill.
         """
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        destroy_process_group()
         parent = os.environ.get(_PARENT_ENV)
         if self.failed and not self.is_main and parent is not None and parent == str(os.getppid()):
             wait_for_exit(int(parent), timeout_s=60.0)
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group if there is one (Lightning does so at exit for NCCL only; gloo
+    left to interpreter shutdown can abort the process). Registered at exit by :func:`launch` and by
+    the training stages under DDP."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def wait_for_exit(pid: int, timeout_s: float, poll_s: float = 0.05) -> bool:

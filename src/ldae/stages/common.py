@@ -206,7 +206,15 @@ def train(module: Any, datamodule: Any, cfg: dict, out: Path, resume_ckpt: Path 
     trainer = make_trainer(cfg, out, monitor=monitor, mode=mode)
     with warnings.catch_warnings():  # EMA copies and frozen networks are in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # DDP: tidy exit
+                import atexit
+
+                from ldae.distributed import destroy_process_group
+
+                atexit.register(destroy_process_group)
     best = out / "checkpoints" / "best.ckpt"
     if not best.is_file():
         raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
