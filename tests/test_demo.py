@@ -48,3 +48,22 @@ def test_demo_end_to_end_miniature(tmp_path: Path, capsys: pytest.CaptureFixture
     again = json.loads((out / "metrics.json").read_text())
     assert again["timings_s"]["stages"]["autoencoder"] == stages["autoencoder"]
     assert again["timings_s"]["total"] < metrics["timings_s"]["total"]
+
+
+def test_auc_aims_need_both_the_test_split_and_the_cross_validation() -> None:
+    from ldae.demo import check_aims
+
+    aims = {"auc_gap_to_oracle_max": 0.05, "auc_gain_over_untrained_min": 0.1, "ldae_vs_ae_ssim_gap_max": 0.01}
+
+    def metrics(test: dict, cv: dict | None) -> dict:
+        return {"probe": {k: {"ad_vs_cn": {"auc": v, **({"cv_auc_best": cv[k]} if cv else {})}}
+                          for k, v in test.items()}}
+
+    test = {"learned": 0.80, "untrained": 0.60, "oracle": 0.83}
+    lucky = check_aims(metrics(test, {"learned": 0.50, "untrained": 0.55, "oracle": 0.92}), aims)
+    assert [a["met"] for a in lucky] == [False, False]  # the test split alone would say met twice
+    assert lucky[0]["value"] == pytest.approx(0.03) and lucky[0]["value_cv"] == pytest.approx(0.42)
+    assert lucky[1]["value"] == pytest.approx(0.20) and lucky[1]["value_cv"] == pytest.approx(-0.05)
+    solid = check_aims(metrics(test, {"learned": 0.88, "untrained": 0.70, "oracle": 0.90}), aims)
+    assert [a["met"] for a in solid] == [True, True]
+    assert [a["met"] for a in check_aims(metrics(test, None), aims)] == [True, True]  # no CV: test split only

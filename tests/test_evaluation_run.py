@@ -29,7 +29,9 @@ def test_metrics_schema(evaluation: Path):
     assert 0 < ae["ssim"] <= 1 and ae["mse"] > 0 and ae["lpips"] is None and "unavailable" in m["lpips_status"]
     for name in ("learned", "untrained"):
         assert set(m["probe"][name]["ad_vs_cn"]) >= {"accuracy", "precision", "recall", "f1", "mcc", "auc"}
-        assert set(m["probe"][name]["age"]) >= {"mae", "rmse"}
+        assert set(m["probe"][name]["age"]) >= {"mae", "rmse", "mae_ci95", "cv_mae_best"}
+        ad = m["probe"][name]["ad_vs_cn"]
+        assert ad["auc_ci95"] is None or 0.0 <= ad["auc_ci95"][0] <= ad["auc_ci95"][1] <= 1.0
         assert m["probe"][name]["ad_vs_cn"]["positive_class"] == "AD"
     for method in ("ldae", "nearest_visit", "latent_lerp"):
         assert set(m["interpolation"][method]) >= {"ssim", "mse", "n_triplets"}

@@ -13,8 +13,10 @@ from ldae.evaluation.probes import (
     predict_probes,
     probe_ad_vs_cn,
     probe_age,
+    rank_auc,
     save_probes,
     scalar_metrics,
+    subject_bootstrap_ci,
 )
 
 
@@ -165,3 +167,46 @@ def test_lda_plot_writes_png(tmp_path) -> None:
     path = plot_lda(tmp_path / "figs" / "lda.png", lda_projection(X, dx, split == "train"), dx, split)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert [p.name for p in path.parent.iterdir()] == ["lda.png"]  # no temporary file left behind
+
+
+def test_rank_auc_matches_brute_force_pair_count_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        y = rng.integers(0, 2, size=40)
+        score = np.round(rng.normal(size=40), 1)  # rounded: many ties
+        assert rank_auc(y, score) == pytest.approx(_brute_auc(y, score), abs=1e-12)
+    assert rank_auc(np.ones(5), np.arange(5.0)) is None
+
+
+def test_subject_bootstrap_resamples_whole_subjects() -> None:
+    """The interval is over subjects: repeating every subject's rows (more sessions, no more subjects)
+    leaves it unchanged, whereas more subjects narrow it; a perfect separation gives [1, 1]."""
+    rng = np.random.default_rng(0)
+    n = 30
+    y = np.arange(n) % 2
+    score = y * 0.7 + rng.normal(size=n)
+    subject = np.arange(n)
+    ci = subject_bootstrap_ci(lambda r: rank_auc(y[r], score[r]), subject, seed=1)
+    assert ci is not None and ci[0] < rank_auc(y, score) < ci[1]
+    rep = np.repeat(np.arange(n), 3)  # each subject seen 3 times
+    ci_rep = subject_bootstrap_ci(lambda r: rank_auc(y[rep][r], score[rep][r]), subject[rep], seed=1)
+    assert ci_rep == pytest.approx(ci, abs=1e-12)
+    big = 8 * n
+    yb = np.arange(big) % 2
+    sb = yb * 0.7 + rng.normal(size=big)
+    ci_big = subject_bootstrap_ci(lambda r: rank_auc(yb[r], sb[r]), np.arange(big), seed=1)
+    assert ci_big[1] - ci_big[0] < 0.6 * (ci[1] - ci[0])
+    assert subject_bootstrap_ci(lambda r: rank_auc(y[r], y[r] + 0.0), subject) == [1.0, 1.0]
+    assert subject_bootstrap_ci(lambda r: 0.0, np.zeros(4)) is None  # one subject: no interval
+
+
+def test_probes_report_intervals_and_validation_scores() -> None:
+    X, dx, split, age, subject, _ = _cohort(signal=0.4)  # weak: the test AUC is below 1
+    ad = probe_ad_vs_cn(X, dx, split, subject, seed=0)
+    lo, hi = ad["auc_ci95"]
+    assert lo <= ad["auc"] <= hi and hi - lo > 0
+    assert ad["cv_auc_best"] == ad["cv_auc"][repr(ad["C"])]
+    ag = probe_age(X, age, split, subject, seed=0)
+    lo, hi = ag["mae_ci95"]
+    assert lo <= ag["mae"] <= hi
+    assert ag["cv_mae_best"] == ag["cv_mae"][repr(ag["alpha"])]

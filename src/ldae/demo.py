@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ldae.config import configs_root, load_config
@@ -17,18 +18,35 @@ STEP_FOLDERS = {"autoencoder": "autoencoder", "compress": "latents", "diffusion"
 
 
 def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
-    """The demo's success criteria, each with its measured value and whether it is met."""
+    """The demo's success criteria, each with its measured value and whether it is met.
+
+    The AUC aims are judged twice, on the test split (``value``) and on the train split's subject-grouped
+    cross-validation (``value_cv``), and are met only when both estimates meet them: the demo's test split
+    holds about a dozen AD/CN subjects, on which the AUC alone moves by ±0.15.
+    """
     out = []
     probe = metrics.get("probe", {})
-    learned = probe.get("learned", {}).get("ad_vs_cn", {}).get("auc")
+
+    def auc(name: str, key: str = "auc") -> float | None:
+        return probe.get(name, {}).get("ad_vs_cn", {}).get(key)
+
+    def judged(aim: str, value: float, value_cv: float | None, ok: Callable[[float], bool]) -> dict[str, Any]:
+        met = ok(value) and (value_cv is None or ok(value_cv))
+        return {"aim": aim, "value": value, "value_cv": value_cv, "met": bool(met)}
+
+    def cv_diff(a: str, b: str) -> float | None:
+        x, y = auc(a, "cv_auc_best"), auc(b, "cv_auc_best")
+        return None if x is None or y is None else x - y
+
+    learned = auc("learned")
     if learned is not None and "oracle" in probe:
-        gap = probe["oracle"]["ad_vs_cn"]["auc"] - learned
-        out.append({"aim": f"learned AUC within {aims['auc_gap_to_oracle_max']} of the oracle (gap)",
-                    "value": gap, "met": bool(gap <= aims["auc_gap_to_oracle_max"])})
+        limit = aims["auc_gap_to_oracle_max"]
+        out.append(judged(f"learned AUC within {limit} of the oracle (gap)", auc("oracle") - learned,
+                          cv_diff("oracle", "learned"), lambda v: v <= limit))
     if learned is not None and "untrained" in probe:
-        gain = learned - probe["untrained"]["ad_vs_cn"]["auc"]
-        out.append({"aim": f"learned AUC at least {aims['auc_gain_over_untrained_min']} above the untrained encoder (gain)",
-                    "value": gain, "met": bool(gain >= aims["auc_gain_over_untrained_min"])})
+        limit = aims["auc_gain_over_untrained_min"]
+        out.append(judged(f"learned AUC at least {limit} above the untrained encoder (gain)",
+                          learned - auc("untrained"), cv_diff("learned", "untrained"), lambda v: v >= limit))
     recon = metrics.get("reconstruction", {})
     if recon.get("autoencoder") and recon.get("ldae_encoded"):
         best = max(recon["ldae_encoded"], key=lambda k: recon["ldae_encoded"][k]["ssim"])

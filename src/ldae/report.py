@@ -71,9 +71,14 @@ def _probe_rows(probe: dict) -> list[list[Any]]:
     for name in ("learned", "untrained", "oracle"):
         if name in probe:
             ad, age = probe[name]["ad_vs_cn"], probe[name]["age"]
-            rows.append([name, ad["auc"], ad["accuracy"], ad["precision"], ad["recall"], ad["f1"], ad["mcc"],
-                         age["mae"], age["rmse"]])
+            rows.append([name, ad["auc"], _ci(ad.get("auc_ci95")), ad.get("cv_auc_best"), ad["accuracy"],
+                         ad["f1"], ad["mcc"], age["mae"], _ci(age.get("mae_ci95"), 2), age.get("cv_mae_best")])
     return rows
+
+
+def _ci(interval: list[float] | None, digits: int = 3) -> str | None:
+    """``[lo, hi]`` as text (None stays None: shown as a dash)."""
+    return None if not interval else f"{interval[0]:.{digits}f}–{interval[1]:.{digits}f}"
 
 
 def _recon_rows(recon: dict) -> list[list[Any]]:
@@ -115,7 +120,8 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     parts.append('<div class="kpi">' + "".join(f"<div><b>{_fmt(v)}</b>{html.escape(k)}</div>" for k, v in kpis) + "</div>")
     if "aims" in metrics:
         parts.append("<h2>Aims of the demo</h2>")
-        parts.append(_table(["aim", "value", "met"], [[a["aim"], a["value"], a["met"]] for a in metrics["aims"]]))
+        parts.append(_table(["aim", "test split", "train-split CV", "met (both)"],
+                            [[a["aim"], a["value"], a.get("value_cv"), a["met"]] for a in metrics["aims"]]))
 
     parts.append("<h2>Cohort</h2>")
     if cohort_summary:
@@ -167,10 +173,12 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                      f'ventricles r = {_fmt(vc.get("ventricle_pearson_r"))}, hippocampus r = {_fmt(vc.get("hippocampus_pearson_r"))}</p>')
 
     parts.append("<h2>Linear probes</h2>")
-    parts.append(_table(["features", "AUC", "accuracy", "precision", "recall", "F1", "MCC", "age MAE", "age RMSE"],
-                        _probe_rows(probe)))
+    parts.append(_table(["features", "AUC", "AUC 95% CI", "CV AUC", "accuracy", "F1", "MCC", "age MAE",
+                         "MAE 95% CI", "CV MAE"], _probe_rows(probe)))
     parts.append('<p class="muted">AD vs CN: positive class AD, MCI excluded; probes fitted on the train split with '
-                 "subject-grouped cross-validation, reported on the test split. Oracle = true regional volumes + age "
+                 "subject-grouped cross-validation, reported on the test split. 95% CI: bootstrap over test subjects; "
+                 "CV: the subject-grouped validation score on the train split at the chosen regularisation (a second, "
+                 "independent estimate: trust neither alone on a small test split). Oracle = true regional volumes + age "
                  "(volumes only for age).</p>")
     parts.append(_img(ev / "lda.png", "LDA projection of y_sem by diagnosis"))
     base = metrics.get("baselines") or {}

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(args.out, seed=args.seed, subjects=args.subjects, overrides=list(args.overrides))
     metrics = json.loads((report.parent / "metrics.json").read_text())
     for aim in metrics.get("aims", []):
-        print(f"[{'met' if aim['met'] else 'NOT met'}] {aim['aim']}: {aim['value']:.3f}")
+        cv = f" (train-split CV: {aim['value_cv']:.3f})" if aim.get("value_cv") is not None else ""
+        print(f"[{'met' if aim['met'] else 'NOT met'}] {aim['aim']}: {aim['value']:.3f}{cv}")
     print(f"total {metrics['timings_s']['total'] / 60:.1f} min; report: {report}")
     return 0

@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
     path = evaluate(run_dir, csv, out, cfg=cfg, overrides=overrides)
     m = json.loads(path.read_text())
     learned = m["probe"]["learned"]
-    print(f"AD vs CN AUC {learned['ad_vs_cn']['auc']:.3f} (untrained {m['probe']['untrained']['ad_vs_cn']['auc']:.3f}"
+    ci = learned["ad_vs_cn"].get("auc_ci95")
+    print(f"AD vs CN AUC {learned['ad_vs_cn']['auc']:.3f}" + (f" [95% CI {ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
+          + f" (untrained {m['probe']['untrained']['ad_vs_cn']['auc']:.3f}"
           + (f", oracle {m['probe']['oracle']['ad_vs_cn']['auc']:.3f}" if "oracle" in m["probe"] else "")
           + f"); age MAE {learned['age']['mae']:.2f} y; AE SSIM {m['reconstruction']['autoencoder']['ssim']:.3f}")
     print(f"metrics -> {path}")
