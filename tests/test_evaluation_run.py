@@ -33,6 +33,7 @@ def test_metrics_schema(evaluation: Path):
         ad = m["probe"][name]["ad_vs_cn"]
         assert ad["auc_ci95"] is None or 0.0 <= ad["auc_ci95"][0] <= ad["auc_ci95"][1] <= 1.0
         assert m["probe"][name]["ad_vs_cn"]["positive_class"] == "AD"
+        assert "age" in m["factors"][name] and -10 < m["factors"][name]["age"]["r2"] <= 1
     for method in ("ldae", "nearest_visit", "latent_lerp"):
         assert set(m["interpolation"][method]) >= {"ssim", "mse", "n_triplets"}
         assert m["interpolation"][method]["n_triplets"] > 0
@@ -102,3 +103,22 @@ def test_report_renders_in_headless_chromium(evaluation: Path, tiny_run: Path, t
     hist = img.histogram()
     # a rendered page: mostly white background plus a substantial amount of non-white content
     assert img.size == (1200, 2400) and sum(hist[:200]) > 0.02 * sum(hist)
+
+
+def test_factor_section_probes_present_numeric_columns_only() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from ldae.evaluation.run import factor_section
+
+    rng = np.random.default_rng(0)
+    n = 60
+    subject = np.repeat([f"s{i:02d}" for i in range(20)], 3)
+    split = np.where(np.arange(n) < 42, "train", "test")
+    X = rng.normal(size=(n, 6))
+    df = pd.DataFrame({"subject": subject, "split": split, "size": X[:, 0] * 2 + 1,
+                       "noise": rng.normal(size=n), "partial": np.where(np.arange(n) == 5, np.nan, 1.0)})
+    out = factor_section({"learned": X}, df, ["size", "noise", "partial", "absent"], seed=0)
+    assert set(out["learned"]) == {"size", "noise"}
+    assert out["learned"]["size"]["r2"] > 0.95 and out["learned"]["noise"]["r2"] < 0.2
+    assert out["skipped"] == {"partial": "missing or non-numeric values", "absent": "not a cohort column"}

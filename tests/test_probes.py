@@ -210,3 +210,20 @@ def test_probes_report_intervals_and_validation_scores() -> None:
     lo, hi = ag["mae_ci95"]
     assert lo <= ag["mae"] <= hi
     assert ag["cv_mae_best"] == ag["cv_mae"][repr(ag["alpha"])]
+
+
+def test_regression_probe_r2_matches_scikit_learn_on_the_test_rows() -> None:
+    from sklearn.metrics import r2_score
+
+    from ldae.evaluation.probes import probe_regression
+
+    X, dx, split, age, subject, w = _cohort(signal=1.0)
+    target = X @ w * 10.0 + 3.0  # exactly linear in the embeddings
+    r = probe_regression(X, target, split, subject, target="volume")
+    test = split == "test"
+    assert r["r2"] == pytest.approx(r2_score(target[test], r["test_prediction"]), abs=1e-12)
+    assert r["r2"] > 0.99
+    noise = np.random.default_rng(5).normal(size=len(target))
+    assert probe_regression(X, noise, split, subject)["r2"] < 0.1
+    with pytest.raises(LDAEError, match="volume holds 1 NaN"):
+        probe_regression(X, np.where(np.arange(len(target)) == 3, np.nan, target), split, subject, target="volume")

@@ -180,6 +180,14 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                  "CV: the subject-grouped validation score on the train split at the chosen regularisation (a second, "
                  "independent estimate: trust neither alone on a small test split). Oracle = true regional volumes + age "
                  "(volumes only for age).</p>")
+    factors = metrics.get("factors") or {}
+    names = [c for c in (factors.get("learned") or {})]
+    if names:
+        parts.append("<h3>What y_sem encodes</h3>")
+        parts.append(_table(["encoder", *names], [[enc, *[factors[enc][c]["r2"] for c in names]]
+                                                  for enc in ("learned", "untrained") if enc in factors]))
+        parts.append('<p class="muted">R² on the test split of a ridge probe per known factor (fitted on the train '
+                     "split, regularisation by subject-grouped CV); 0 = no better than the test mean.</p>")
     parts.append(_img(ev / "lda.png", "LDA projection of y_sem by diagnosis"))
     base = metrics.get("baselines") or {}
     if any(base.values()):

@@ -311,17 +311,35 @@ def probe_age(
     MAE, the model (``coef``/``intercept`` in standardised space, ``mean``/``scale``) and
     ``test_index``/``test_prediction``.
     """
+    return probe_regression(X, age, split, subject, seed=seed, alphas=alphas, fit_splits=fit_splits,
+                            what="age probe", target="age")
+
+
+def probe_regression(
+    X: Any,
+    values: Any,
+    split: Any,
+    subject: Any,
+    seed: int = 0,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    fit_splits: Sequence[str] = ("train",),
+    what: str = "regression probe",
+    target: str = "target",
+) -> dict[str, Any]:
+    """Ridge probe of any numeric per-row ``values`` named ``target`` (age, a regional volume): the protocol of
+    :func:`probe_age`, whose result it returns, plus ``r2`` on the test split (1 - SSE/SST with the test
+    mean: how much of the target's test variance the embedding explains; negative = worse than a constant).
+    """
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import GroupKFold
 
-    what = "age probe"
-    X, cols = _check_inputs(X, {"age": age, "split": split, "subject": subject})
+    X, cols = _check_inputs(X, {target: values, "split": split, "subject": subject})
     try:
-        y = cols["age"].astype(np.float64)
+        y = cols[target].astype(np.float64)
     except ValueError:
-        raise LDAEError(f"{what}: age values must be numeric") from None
+        raise LDAEError(f"{what}: {target} values must be numeric") from None
     if not np.isfinite(y).all():
-        raise LDAEError(f"{what}: age holds {int((~np.isfinite(y)).sum())} NaN/inf value(s)")
+        raise LDAEError(f"{what}: {target} holds {int((~np.isfinite(y)).sum())} NaN/inf value(s)")
     fit, test = _fit_test_masks(cols["split"], fit_splits, what)
     Xf, yf, gf = X[fit], y[fit], cols["subject"][fit]
     k = _n_folds(len(set(gf)), what)
@@ -345,11 +363,13 @@ def probe_age(
     reg, mean, scale = _fit(Xf, yf, best_alpha)
     pred = reg.predict((X[test] - mean) / scale)
     err = pred - y[test]
+    sst = float(np.sum((y[test] - y[test].mean()) ** 2))
     return {
         "mae": float(np.mean(np.abs(err))),
         "mae_ci95": subject_bootstrap_ci(lambda rows: float(np.mean(np.abs(err[rows]))), cols["subject"][test],
                                          seed=seed),
         "rmse": float(np.sqrt(np.mean(err**2))),
+        "r2": 1.0 - float(np.sum(err**2)) / sst if sst > 0 else None,
         "n_train": int(fit.sum()),
         "n_test": int(test.sum()),
         "n_train_subjects": len(set(gf)),

@@ -9,6 +9,8 @@ Sections (each writes CSVs/PNGs into ``out`` and a block of ``metrics.json``):
 * ``probe``: linear probes (AD vs CN, age) on frozen y_sem of the learned encoder, of an untrained
   (randomly initialised, same architecture) encoder, and of an oracle (true regional volumes + age for
   AD vs CN; volumes alone for age, since age would predict itself) when the cohort has ground truth.
+* ``factors``: what y_sem encodes — a ridge probe per known factor column (``probes.factors``: ground-truth
+  volumes, age), test-split R² for the learned and the untrained encoder.
 * ``interpolation``: missing-timepoint prediction over all (start, target, end) triplets of test
   subjects: LDAE (LERP y_sem, SLERP z_T at t = months ratio) vs nearest visit vs LERP of AE latents,
   scored against the autoencoder's reconstruction of the target.
@@ -102,6 +104,31 @@ def probe_section(features: dict[str, np.ndarray], df: pd.DataFrame, seed: int) 
         ad = probe_ad_vs_cn(X, cols["diagnosis"], cols["split"], cols["subject"], seed=seed)
         age = probe_age(X_age, df["age"].to_numpy(), cols["split"], cols["subject"], seed=seed)
         out[name] = {"ad_vs_cn": scalar_metrics(ad), "age": scalar_metrics(age), "_fit": (ad, age)}
+    return out
+
+
+def factor_section(features: dict[str, np.ndarray], df: pd.DataFrame, factors: list[str], seed: int) -> dict[str, Any]:
+    """What the embeddings encode: a ridge probe per known per-scan factor (a cohort column: ground-truth
+    volumes, age, ...) for each feature set, with the test-split R² and MAE. Columns absent from the
+    cohort, or not numeric and finite on every row, are listed under ``skipped``."""
+    from ldae.evaluation.probes import probe_regression
+
+    usable, skipped = [], {}
+    for col in factors:
+        values = pd.to_numeric(df[col], errors="coerce") if col in df.columns else None
+        if values is None:
+            skipped[col] = "not a cohort column"
+        elif not np.isfinite(values.to_numpy(dtype=float)).all():
+            skipped[col] = "missing or non-numeric values"
+        else:
+            usable.append(col)
+    out: dict[str, Any] = {name: {} for name in features}
+    for name, X in features.items():
+        for col in usable:
+            r = probe_regression(X, df[col].to_numpy(dtype=float), df["split"].to_numpy(), df["subject"].to_numpy(),
+                                 seed=seed, what=f"{col} probe ({name})", target=col)
+            out[name][col] = {k: r[k] for k in ("r2", "mae", "mae_ci95", "cv_mae_best", "alpha", "n_train", "n_test")}
+    out["skipped"] = skipped
     return out
 
 
@@ -353,6 +380,8 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     save_probes(out / "probes.json", ad_fit, age_fit)
     write_npz(out / "embeddings.npz", y_sem=learned, untrained=untrained, index=np.asarray(all_rows))
     metrics["probe"] = probes
+    metrics["factors"] = factor_section({"learned": learned, "untrained": untrained}, df,
+                                        list(cfg["probes"].get("factors") or []), seed)
     plot_lda(out / "lda.png", lda_projection(learned, df["diagnosis"].to_numpy(), (df["split"] == "train").to_numpy()),
              df["diagnosis"].to_numpy(), split=df["split"].to_numpy())
     metrics["timings_s"]["probes"] = time.perf_counter() - t0
