@@ -25,6 +25,9 @@ def test_metrics_schema(evaluation: Path):
     m = json.loads((evaluation / "metrics.json").read_text())
     for method in ("lddim_encoded", "ldae_encoded", "ldae_semantic"):
         assert set(m["reconstruction"][method]["2"]) == {"ssim", "mse", "psnr", "lpips", "seconds_per_scan"}
+    top = max(m["reconstruction"]["ldae_semantic"], key=int)  # control: another subject's y_sem, same z_T
+    assert list(m["reconstruction"]["ldae_semantic_other"]) == [top]
+    assert 0 < m["reconstruction"]["ldae_semantic_other"][top]["ssim"] <= 1
     ae = m["reconstruction"]["autoencoder"]
     assert 0 < ae["ssim"] <= 1 and ae["mse"] > 0 and ae["lpips"] is None and "unavailable" in m["lpips_status"]
     for name in ("learned", "untrained"):
@@ -122,3 +125,15 @@ def test_factor_section_probes_present_numeric_columns_only() -> None:
     assert set(out["learned"]) == {"size", "noise"}
     assert out["learned"]["size"]["r2"] > 0.95 and out["learned"]["noise"]["r2"] < 0.2
     assert out["skipped"] == {"partial": "missing or non-numeric values", "absent": "not a cohort column"}
+
+
+def test_other_subject_rows_pairs_every_row_with_another_subject() -> None:
+    import pandas as pd
+
+    from ldae.evaluation.run import other_subject_rows
+
+    subject = pd.Series(["a", "a", "a", "b", "c", "c"], index=[10, 11, 12, 13, 14, 15])
+    rows = [10, 11, 12, 13, 14, 15]
+    donor = other_subject_rows(rows, subject)
+    assert set(donor) == set(rows) and all(subject[donor[r]] != subject[r] for r in rows)
+    assert other_subject_rows([10, 11], subject) is None  # one subject only

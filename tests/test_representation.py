@@ -89,6 +89,10 @@ def test_generate_and_semantic_only(model: LDAE, scans: torch.Tensor):
     assert g.shape == (2, 1, *model.shape)
     s = model.semantic_only(scans[:1], steps=5)
     assert s.shape == (1, 1, *model.shape)
+    # y_sem given explicitly: its own code reproduces the default, another scan's code changes the output
+    torch.testing.assert_close(model.semantic_only(scans[:1], steps=5, y_sem=model.semantic(scans[:1])), s)
+    other = model.semantic_only(scans[:1], steps=5, y_sem=model.semantic(scans[1:2]))
+    assert (other - s).abs().max() > 1e-6
 
 
 def test_load_errors(tmp_path: Path, tiny_run: Path):

@@ -152,9 +152,10 @@ class LDAE(ModelReadyInput):
         return torch.randn(shape, generator=generator).to(self.device)
 
     @torch.no_grad()
-    def semantic_only(self, x: Tensor, steps: int | None = None, seed: int = 0) -> Tensor:
-        """Decode y_sem of ``x`` from random z_T (what the semantic vector alone determines)."""
-        y = self.semantic(x)
+    def semantic_only(self, x: Tensor, steps: int | None = None, seed: int = 0, y_sem: Tensor | None = None) -> Tensor:
+        """Decode y_sem of ``x`` from random z_T (what the semantic vector alone determines). With ``y_sem``
+        given, decode that instead from the same z_T (e.g. another subject's code, as a control)."""
+        y = self.semantic(x) if y_sem is None else y_sem.to(self.device)
         gen = torch.Generator().manual_seed(int(seed))
         return self.decode(y, self._noise(x.shape[0], gen), steps)
 

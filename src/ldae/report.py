@@ -86,7 +86,8 @@ def _recon_rows(recon: dict) -> list[list[Any]]:
     ae = recon.get("autoencoder")
     if ae:
         rows.append(["AutoencoderKL", "—", ae["ssim"], ae["mse"], ae["psnr"], ae["lpips"], ae["seconds_per_scan"]])
-    names = {"lddim_encoded": "LDDIM encoded", "ldae_encoded": "LDAE encoded", "ldae_semantic": "LDAE semantic-only"}
+    names = {"lddim_encoded": "LDDIM encoded", "ldae_encoded": "LDAE encoded", "ldae_semantic": "LDAE semantic-only",
+             "ldae_semantic_other": "… with another subject's y_sem (control)"}
     for key, label in names.items():
         for steps, m in recon.get(key, {}).items():
             rows.append([label, steps, m["ssim"], m["mse"], m["psnr"], m["lpips"], m["seconds_per_scan"]])

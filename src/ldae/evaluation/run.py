@@ -3,7 +3,8 @@
 Sections (each writes CSVs/PNGs into ``out`` and a block of ``metrics.json``):
 
 * ``reconstruction``: test split; AutoencoderKL, LDDIM encoded (DDIM inversion without semantics),
-  LDAE encoded, LDAE semantic-only (random z_T) at each DDIM step count; SSIM (3D Gaussian σ=1.5,
+  LDAE encoded, LDAE semantic-only (random z_T) at each DDIM step count, and its control with another
+  subject's y_sem (same z_T, largest step count); SSIM (3D Gaussian σ=1.5,
   data range 1), MSE, PSNR against the input scan, LPIPS when local perceptual weights exist (else
   ``null`` with the reason), seconds per scan.
 * ``probe``: linear probes (AD vs CN, age) on frozen y_sem of the learned encoder, of an untrained
@@ -170,7 +171,31 @@ def reconstruction_section(model: Any, scans: ScanCache, test_rows: list[int], s
         run("lddim_encoded", steps, lambda x, _, s=steps: model.decode(None, model.encode(x, s, semantic=False)[1], s))
         run("ldae_encoded", steps, lambda x, _, s=steps: model.decode(*model.encode(x, s), s))
         run("ldae_semantic", steps, lambda x, _, s=steps: model.semantic_only(x, s, seed=seed))
+    # Control for the semantic-only row: the same random z_T decoded with y_sem of *another* subject's test
+    # scan. The SSIM gap between the two is what y_sem says about this particular brain.
+    donor = other_subject_rows(test_rows, scans.df["subject"])
+    if donor is not None:
+        top = max(steps_list)
+
+        def with_other_y(x: torch.Tensor, rows: list[int]) -> torch.Tensor:  # same z_T as ldae_semantic
+            return model.semantic_only(x, top, seed=seed, y_sem=model.semantic(scans.batch([donor[r] for r in rows])))
+
+        run("ldae_semantic_other", top, with_other_y)
     return block, pd.DataFrame.from_records(records)
+
+
+def other_subject_rows(rows: list[int], subject: pd.Series) -> dict[int, int] | None:
+    """For each row, a row of a different subject (a fixed rotation of the list by half its length, moved
+    on until the subject differs); None when all rows belong to one subject."""
+    if subject.loc[rows].nunique() < 2:
+        return None
+    n, out = len(rows), {}
+    for i, r in enumerate(rows):
+        j = (i + n // 2) % n
+        while subject.loc[rows[j]] == subject.loc[r]:
+            j = (j + 1) % n
+        out[r] = rows[j]
+    return out
 
 
 def interpolation_section(model: Any, scans: ScanCache, df: pd.DataFrame, steps: int,
