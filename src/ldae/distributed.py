@@ -71,14 +71,13 @@ class Workers:
                 raise failure
             return result  # type: ignore[return-value]
         user_error = find_user_error(failure)
-        self.failed = self.failed or failure is not None
         reports = self.gather(None if failure is None else
                               (True, str(user_error)) if user_error is not None else (False, str(failure)))
+        self.failed = self.failed or any(r is not None for r in reports)
         if failure is not None:
             raise failure
         for rank, report in enumerate(reports):
             if report is not None:
-                self.failed = True
                 user_error, message = report
                 raise (LDAEError if user_error else RuntimeError)(f"process {rank} failed: {message}")
         return result  # type: ignore[return-value]
@@ -98,9 +97,8 @@ class Workers:
         code 2 by a kill.
         """
         destroy_process_group()
-        parent = os.environ.get(_PARENT_ENV)
-        if self.failed and not self.is_main and parent is not None and parent == str(os.getppid()):
-            wait_for_exit(int(parent), timeout_s=60.0)
+        if self.failed and not self.is_main and os.environ.get(_PARENT_ENV) == str(os.getppid()):
+            wait_for_exit(os.getppid(), timeout_s=60.0)
 
 
 def destroy_process_group() -> None:

@@ -114,19 +114,21 @@ def factor_section(features: dict[str, np.ndarray], df: pd.DataFrame, factors: l
     cohort, or not numeric and finite on every row, are listed under ``skipped``."""
     from ldae.evaluation.probes import probe_regression
 
-    usable, skipped = [], {}
+    usable: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
     for col in factors:
-        values = pd.to_numeric(df[col], errors="coerce") if col in df.columns else None
-        if values is None:
+        if col not in df.columns:
             skipped[col] = "not a cohort column"
-        elif not np.isfinite(values.to_numpy(dtype=float)).all():
-            skipped[col] = "missing or non-numeric values"
+            continue
+        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        if np.isfinite(values).all():
+            usable[col] = values
         else:
-            usable.append(col)
+            skipped[col] = "missing or non-numeric values"
     out: dict[str, Any] = {name: {} for name in features}
     for name, X in features.items():
-        for col in usable:
-            r = probe_regression(X, df[col].to_numpy(dtype=float), df["split"].to_numpy(), df["subject"].to_numpy(),
+        for col, values in usable.items():
+            r = probe_regression(X, values, df["split"].to_numpy(), df["subject"].to_numpy(),
                                  seed=seed, what=f"{col} probe ({name})", target=col)
             out[name][col] = {k: r[k] for k in ("r2", "mae", "mae_ci95", "cv_mae_best", "alpha", "n_train", "n_test")}
     out["skipped"] = skipped

@@ -208,13 +208,12 @@ def train(module: Any, datamodule: Any, cfg: dict, out: Path, resume_ckpt: Path 
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-        finally:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():  # DDP: tidy exit
-                import atexit
+        finally:  # under DDP, tear the process group down at exit (a no-op for a single process)
+            import atexit
 
-                from ldae.distributed import destroy_process_group
+            from ldae.distributed import destroy_process_group
 
-                atexit.register(destroy_process_group)
+            atexit.register(destroy_process_group)
     best = out / "checkpoints" / "best.ckpt"
     if not best.is_file():
         raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
