@@ -30,7 +30,7 @@ def test_metrics_schema(evaluation: Path):
     assert 0 < m["reconstruction"]["ldae_semantic_other"][top]["ssim"] <= 1
     ae = m["reconstruction"]["autoencoder"]
     assert 0 < ae["ssim"] <= 1 and ae["mse"] > 0 and ae["lpips"] is None and "unavailable" in m["lpips_status"]
-    for name in ("learned", "untrained"):
+    for name in ("learned", "untrained", "latent_pca"):
         assert set(m["probe"][name]["ad_vs_cn"]) >= {"accuracy", "precision", "recall", "f1", "mcc", "auc"}
         assert set(m["probe"][name]["age"]) >= {"mae", "rmse", "mae_ci95", "cv_mae_best"}
         ad = m["probe"][name]["ad_vs_cn"]

@@ -10,6 +10,7 @@ from ldae.errors import LDAEError
 from ldae.evaluation.probes import (
     lda_projection,
     load_probes,
+    pca_features,
     predict_probes,
     probe_ad_vs_cn,
     probe_age,
@@ -227,3 +228,21 @@ def test_regression_probe_r2_matches_scikit_learn_on_the_test_rows() -> None:
     assert probe_regression(X, noise, split, subject)["r2"] < 0.1
     with pytest.raises(LDAEError, match="volume holds 1 NaN"):
         probe_regression(X, np.where(np.arange(len(target)) == 3, np.nan, target), split, subject, target="volume")
+
+
+def test_pca_features_match_scikit_learn_fitted_on_the_fit_rows_only() -> None:
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 30)) * np.linspace(3.0, 0.1, 30)  # distinct variances: a well-defined basis
+    fit = np.arange(40) < 25
+    ours = pca_features(X, fit, 5)
+    ref = PCA(5, svd_solver="full").fit(X[fit]).transform(X)
+    signs = np.sign((ours * ref).sum(axis=0))  # principal axes are defined up to sign
+    np.testing.assert_allclose(ours * signs, ref, atol=1e-9)
+    X_other = X.copy()
+    X_other[~fit] += 100.0  # rows outside the fit set move: their scores move, the basis does not
+    np.testing.assert_allclose(pca_features(X_other, fit, 5)[fit], ours[fit], atol=1e-9)
+    assert pca_features(X, fit, 99).shape == (40, 24)  # at most n_fit - 1 components
+    with pytest.raises(LDAEError, match="at least 2 fit rows"):
+        pca_features(X, np.arange(40) == 0, 3)

@@ -13,6 +13,8 @@ from typing import Any
 from ldae.io import write_text
 from ldae.runs import stage_dir
 
+#: probe feature sets in table order (those a run lacks are left out)
+FEATURE_SETS = ("learned", "untrained", "latent_pca", "oracle")
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
 line-height:1.45;padding:0 1em}
@@ -68,7 +70,7 @@ def training_curves(run: Path, out: Path) -> list[tuple[Path, str]]:
 
 def _probe_rows(probe: dict) -> list[list[Any]]:
     rows = []
-    for name in ("learned", "untrained", "oracle"):
+    for name in FEATURE_SETS:
         if name in probe:
             ad, age = probe[name]["ad_vs_cn"], probe[name]["age"]
             rows.append([name, ad["auc"], _ci(ad.get("auc_ci95")), ad.get("cv_auc_best"), ad["accuracy"],
@@ -180,13 +182,14 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                  "subject-grouped cross-validation, reported on the test split. 95% CI: bootstrap over test subjects; "
                  "CV: the subject-grouped validation score on the train split at the chosen regularisation (a second, "
                  "independent estimate: trust neither alone on a small test split). Oracle = true regional volumes + age "
-                 "(volumes only for age).</p>")
+                 "(volumes only for age). latent_pca = the first principal components of the autoencoder's latents (fitted "
+                 "on the train split): what the compressed latent carries linearly at this resolution.</p>")
     factors = metrics.get("factors") or {}
     names = [c for c in (factors.get("learned") or {})]
     if names:
         parts.append("<h3>What y_sem encodes</h3>")
         parts.append(_table(["encoder", *names], [[enc, *[factors[enc][c]["r2"] for c in names]]
-                                                  for enc in ("learned", "untrained") if enc in factors]))
+                                                  for enc in FEATURE_SETS if enc in factors]))
         parts.append('<p class="muted">R² on the test split of a ridge probe per known factor (fitted on the train '
                      "split, regularisation by subject-grouped CV); 0 = no better than the test mean.</p>")
     parts.append(_img(ev / "lda.png", "LDA projection of y_sem by diagnosis"))

@@ -392,6 +392,27 @@ def scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in _ARRAY_KEYS}
 
 
+# ----------------------------------------------------------------------------------------- latent PCA
+def pca_features(X: Any, fit_mask: Any, k: int) -> np.ndarray:
+    """Scores ``(n, k')`` of every row on the first ``k' = min(k, n_fit - 1, d)`` principal axes of the
+    ``fit_mask`` rows (centred on their mean; nothing of the other rows is used to fit).
+
+    Why: a linear probe on the principal components of the autoencoder's latents is the reference for
+    what the compressed latent itself carries, linearly, about a label at the preset's resolution; y_sem
+    should match or beat it with far fewer dimensions.
+    """
+    X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+    mask = np.asarray(fit_mask, bool)
+    if mask.shape != (X.shape[0],) or mask.sum() < 2:
+        raise LDAEError(f"latent PCA: need at least 2 fit rows among {X.shape[0]}, got {int(mask.sum())}")
+    if int(k) < 1:
+        raise LDAEError(f"latent PCA: the number of components must be >= 1, got {k}")
+    mean = X[mask].mean(axis=0)
+    _, _, vt = np.linalg.svd(X[mask] - mean, full_matrices=False)
+    k = min(int(k), int(mask.sum()) - 1, X.shape[1])
+    return (X - mean) @ vt[:k].T
+
+
 # ------------------------------------------------------------------------------------------------ LDA
 def lda_projection(X: Any, diagnosis: Any, fit_mask: Any | None = None) -> np.ndarray:
     """2D linear-discriminant projection (n, 2) of the embeddings for a scatter plot.

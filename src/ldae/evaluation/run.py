@@ -9,9 +9,11 @@ Sections (each writes CSVs/PNGs into ``out`` and a block of ``metrics.json``):
   ``null`` with the reason), seconds per scan.
 * ``probe``: linear probes (AD vs CN, age) on frozen y_sem of the learned encoder, of an untrained
   (randomly initialised, same architecture) encoder, and of an oracle (true regional volumes + age for
-  AD vs CN; volumes alone for age, since age would predict itself) when the cohort has ground truth.
+  AD vs CN; volumes alone for age, since age would predict itself) when the cohort has ground truth; and
+  a reference: the first ``probes.latent_pca_components`` principal components of the autoencoder's
+  latents (what the compressed latent carries linearly at this resolution).
 * ``factors``: what y_sem encodes — a ridge probe per known factor column (``probes.factors``: ground-truth
-  volumes, age), test-split R² for the learned and the untrained encoder.
+  volumes, age), test-split R² for the learned and the untrained encoder and the latent PCA.
 * ``interpolation``: missing-timepoint prediction over all (start, target, end) triplets of test
   subjects: LDAE (LERP y_sem, SLERP z_T at t = months ratio) vs nearest visit vs LERP of AE latents,
   scored against the autoencoder's reconstruction of the target.
@@ -365,7 +367,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     from ldae.data.cohort import ensure_split, read_cohort
     from ldae.distributed import resolve_device
     from ldae.evaluation.plots import plot_lda, plot_manipulation, plot_triplet_scores
-    from ldae.evaluation.probes import lda_projection, save_probes
+    from ldae.evaluation.probes import lda_projection, pca_features, save_probes
     from ldae.model import LDAE
     from ldae.nets.semantic_encoder import build_semantic_encoder
     from ldae.stages.common import load_checkpoint
@@ -398,6 +400,10 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     untrained_net = build_semantic_encoder(enc_cfg, load_pretrained=False).to(device).eval()
     untrained = embed(untrained_net, scans, all_rows, bs, "y_sem (untrained encoder)")
     features = {"learned": learned, "untrained": untrained}
+    if cfg["probes"].get("latent_pca_components"):
+        latents = embed(lambda x: model.compress(x).flatten(1), scans, all_rows, bs, "latents (PCA control)")
+        features["latent_pca"] = pca_features(latents, (df["split"] == "train").to_numpy(),
+                                              int(cfg["probes"]["latent_pca_components"]))
     if all(c in df.columns for c in GT_VOLUMES):
         features["oracle"] = np.column_stack([df[c].to_numpy(dtype=float) for c in GT_VOLUMES] + [df["age"].to_numpy(dtype=float)])
     probes = probe_section(features, df, seed)
@@ -407,7 +413,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     save_probes(out / "probes.json", ad_fit, age_fit)
     write_npz(out / "embeddings.npz", y_sem=learned, untrained=untrained, index=np.asarray(all_rows))
     metrics["probe"] = probes
-    metrics["factors"] = factor_section({"learned": learned, "untrained": untrained}, df,
+    metrics["factors"] = factor_section({k: v for k, v in features.items() if k != "oracle"}, df,
                                         list(cfg["probes"].get("factors") or []), seed)
     plot_lda(out / "lda.png", lda_projection(learned, df["diagnosis"].to_numpy(), (df["split"] == "train").to_numpy()),
              df["diagnosis"].to_numpy(), split=df["split"].to_numpy())
