@@ -1,5 +1,6 @@
 """PDAE loss and guided ε against independent computations."""
 
+import pytest
 import torch
 
 from ldae.diffusion.pdae import guided_eps_fn, pdae_loss, unet_and_shift
@@ -87,3 +88,23 @@ def test_gradients_reach_y_sem_and_not_the_frozen_unet():
     pdae_loss(unet, shift, sched, z0, y).backward()
     assert y.grad is not None and float(y.grad.abs().sum()) > 0
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_repeats_draw_several_timesteps_per_sample_with_its_y_sem():
+    """repeats=K is the loss of the batch with each sample (and its y_sem) repeated K times in place, and
+    the gradient to y_sem sums over a sample's K terms."""
+    unet, shift = _nets()
+    for p in shift.decoder.out.parameters():  # non-zero G
+        torch.nn.init.normal_(p, std=0.1)
+    sched = NoiseSchedule()
+    z0 = torch.randn(2, 3, 4, 6, 4)
+    y = torch.randn(2, 5, requires_grad=True)
+    loss = pdae_loss(unet, shift, sched, z0, y, generator=torch.Generator().manual_seed(3), repeats=3)
+    (grad,) = torch.autograd.grad(loss, y)
+    y_rep = y.detach()[[0, 0, 0, 1, 1, 1]].requires_grad_(True)
+    ref = pdae_loss(unet, shift, sched, z0[[0, 0, 0, 1, 1, 1]], y_rep, generator=torch.Generator().manual_seed(3))
+    (grad_rep,) = torch.autograd.grad(ref, y_rep)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, grad_rep.reshape(2, 3, 5).sum(1))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        pdae_loss(unet, shift, sched, z0, y, repeats=0)

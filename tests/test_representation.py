@@ -103,3 +103,16 @@ def test_load_errors(tmp_path: Path, tiny_run: Path):
 
     with pytest.raises(CheckpointError, match="expected stage 'representation'"):
         load_representation(find_checkpoint(tiny_run, "diffusion"))
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, True])
+def test_bad_repeats_named_before_anything_is_read(bad) -> None:
+    from ldae.config import load_preset
+    from ldae.errors import ConfigError
+    from ldae.stages.representation import fit
+
+    cfg = load_preset("tiny", "representation")
+    cfg["diffusion_checkpoint"], cfg["data"]["csv"] = "/nonexistent/best.ckpt", "/nonexistent.csv"
+    cfg["loss"]["repeats"] = bad
+    with pytest.raises(ConfigError, match=r"loss.repeats': expected an integer >= 1, got " + repr(bad).replace(".", r"\.")):
+        fit(cfg)

@@ -77,6 +77,27 @@ def test_matches_hand_written_reference() -> None:
     torch.testing.assert_close(att.cross, cross_ref, atol=1e-6, rtol=1e-5)
 
 
+def test_output_norm_standardises_each_dimension_over_the_batch_then_uses_running_statistics() -> None:
+    plain, normed = tiny_encoder().train(), tiny_encoder(output_norm=True).train()
+    normed.out_norm.momentum = 1.0  # running statistics = the last batch's, for an exact check below
+    x = volume(6)
+    y_plain, y = plain(x), normed(x)  # same seed: identical weights up to the norm
+    ref = (y_plain - y_plain.mean(0)) / torch.sqrt(y_plain.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y.mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    # eval: the running statistics of that batch (its variance stored unbiased, as BatchNorm does), one
+    # volume at a time
+    expected = ((y_plain - y_plain.mean(0)) / torch.sqrt(y_plain.var(0, unbiased=True) + 1e-5)).detach()
+    with torch.no_grad():
+        normed.eval()
+        torch.testing.assert_close(torch.cat([normed(x[i:i + 1]) for i in range(6)]), expected, atol=1e-4, rtol=1e-4)
+        normed.train()
+        y_one = normed(x[:1])  # a training batch of one has no spread: running statistics, no error
+    torch.testing.assert_close(y_one, expected[:1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="output_norm: expected true or false"):
+        tiny_encoder(output_norm="yes")
+
+
 def test_attention_weights_are_distributions() -> None:
     m = tiny_encoder().eval()
     with torch.no_grad():

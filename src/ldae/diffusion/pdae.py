@@ -44,8 +44,18 @@ def pdae_loss(
     y_sem: Tensor,
     gamma: float = 0.1,
     generator: torch.Generator | None = None,
+    repeats: int = 1,
 ) -> Tensor:
-    """Mean over the batch of λ_t · mean‖ε − (ε_θ − k_t G_ψ)‖² at uniformly drawn timesteps."""
+    """Mean over the batch of λ_t · mean‖ε − (ε_θ − k_t G_ψ)‖² at uniformly drawn timesteps.
+
+    ``repeats``: timesteps (and noises) drawn per sample, all with the same ``y_sem``. The semantic
+    encoder (the costly part of a step at small latent sizes) then runs once for several loss terms: a
+    lower-variance gradient for it at the price of ``repeats`` passes of the small latent networks.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats > 1:
+        z0, y_sem = z0.repeat_interleave(repeats, dim=0), y_sem.repeat_interleave(repeats, dim=0)
     b = z0.shape[0]
     if generator is None:
         t = torch.randint(0, schedule.T, (b,), device=z0.device)

@@ -72,6 +72,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
         self.ema_encoder = EMA(self.encoder, decay, warmup)
         self.ema_shift = EMA(self.shift, decay, warmup)
         self.gamma = float(cfg["loss"]["gamma"])
+        self.repeats = int(cfg["loss"].get("repeats", 1))
         self.out = Path(cfg["out"])
         self._autoencoder: list = []
         self._val: dict[str, list[torch.Tensor]] = {}
@@ -91,7 +92,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         z0 = batch["latent"] * self.scale_factor
         y = self.encoder(batch["image"])
-        loss = pdae_loss(self.unet, self.shift, self.schedule, z0, y, self.gamma)
+        loss = pdae_loss(self.unet, self.shift, self.schedule, z0, y, self.gamma, repeats=self.repeats)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0])
         return loss
 
@@ -175,6 +176,9 @@ def _validate(cfg: dict) -> None:
         raise ConfigError("config key 'diffusion_checkpoint' is not set: pass --diffusion_checkpoint RUN/diffusion/checkpoints/best.ckpt")
     if not isinstance(get_dotted(cfg, "model.semantic_encoder"), dict):
         raise ConfigError("config section 'model.semantic_encoder' is missing")
+    repeats = get_dotted(cfg, "loss.repeats", 1)  # absent in configs written before it existed
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"config key 'loss.repeats': expected an integer >= 1, got {repeats!r}")
 
 
 def _image_geometry(autoencoder_checkpoint: str | None) -> tuple[Any, list[int]]:
