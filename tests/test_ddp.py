@@ -202,6 +202,15 @@ def _fit(tmp_path: Path, stage: str, csv: Path, devices: int, extra: tuple[str, 
     return dump, out
 
 
+# Stage 3 standardises y_sem over the global batch: dividing by the spread of 4 nearly identical initial codes
+# amplifies float32 summation-order differences to ~1e-4 (per-process statistics would give ~1e0)
+GRAD_RTOL = {"autoencoder": 1e-4, "diffusion": 1e-4, "representation": 1e-3}
+# Adam's first step is lr * sign(g): an element whose gradient is within that noise may step the other way
+FLIPS_MAX = {"autoencoder": 1e-4, "diffusion": 1e-4, "representation": 1e-3}
+# ... and it removes any shift shared by the whole batch: the biases that only shift y_sem get no gradient
+ZERO_GRAD = {"representation": ("encoder.norm.bias", "encoder.proj.bias")}
+
+
 def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -227,22 +236,29 @@ def test_ddp_step_equals_full_batch_step(stage: str, request: pytest.FixtureRequ
         assert [len(h["indices"]) for h in halves] == [2, 2]
         assert sorted(halves[0]["indices"] + halves[1]["indices"]) == sorted(full["indices"])
         assert full["grads"].keys() == halves[0]["grads"].keys() == halves[1]["grads"].keys()
+        largest = max(float(g.abs().max()) for g in full["grads"].values())
         for key, g in full["grads"].items():
             assert torch.equal(halves[0]["grads"][key], halves[1]["grads"][key]), key  # all-reduced
             scale = float(g.abs().max())
+            if key in ZERO_GRAD.get(stage, ()):  # mathematically zero: only rounding noise to compare
+                assert scale <= 1e-5 * largest, key
+                continue
             assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"
-            assert float((halves[0]["grads"][key] - g).abs().max()) <= 1e-4 * scale, key
+            assert float((halves[0]["grads"][key] - g).abs().max()) <= GRAD_RTOL[stage] * scale, key
 
     one = _load(one_dump / "weights_rank0.pt")
     two = [_load(two_dump / f"weights_rank{r}.pt") for r in (0, 1)]
     floats = [k for k, v in one.items() if v.is_floating_point()]
     for key in floats:
         assert torch.equal(two[0][key], two[1][key]), key  # the processes stay in sync
-    diff = torch.cat([(one[k] - two[0][k]).abs().flatten() for k in floats])
+    # parameters with only rounding noise for a gradient take a full Adam step of either sign: not compared
+    noise_only = {f"{prefix}{k.removeprefix('encoder.')}" for k in ZERO_GRAD.get(stage, ())
+                  for prefix in ("encoder.", "ema_encoder.module.")}
+    diff = torch.cat([(one[k] - two[0][k]).abs().flatten() for k in floats if k not in noise_only])
     # Adam's first step is ~lr * sign(g): elements whose gradient is ~eps may differ by float noise
     lr = LR[stage]
     assert float(diff.mean()) < 1e-3 * lr
-    assert float((diff > 0.01 * lr).float().mean()) < 1e-4
+    assert float((diff > 0.01 * lr).float().mean()) < FLIPS_MAX[stage]
 
     assert sorted(p.name for p in (two_out / "checkpoints").glob("*.ckpt*")) == ["best.ckpt", "last.ckpt"]
     assert not list(two_out.rglob("*.tmp*"))

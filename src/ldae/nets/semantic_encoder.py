@@ -55,7 +55,9 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
     "pretrained_weights": None,  # local torchvision ConvNeXt state_dict (ImageNet), or null
     "widths": [16, 32, 64],  # small_cnn stage widths (each stage halves the slice size)
     "dropout": 0.0,  # dropout in cross attention and before the projection
-    "output_norm": False,  # standardise each y_sem dimension over the cohort (CodeNorm)
+    # standardise each y_sem dimension over the cohort (CodeNorm). With dropout > 0 the training statistics
+    # include the dropout noise and eval-mode codes shrink towards the mean (seen: y_sem collapsed)
+    "output_norm": False,
     "drop_path": 0.0,  # ConvNeXt stochastic depth
     "pool_hidden": 128,  # hidden width of the soft-attention scoring MLP
     "input_mean": 0.449,  # slices are standardised as (x - mean) / std before the backbone;
@@ -71,16 +73,44 @@ class EncoderAttention(NamedTuple):
 
 
 class CodeNorm(nn.BatchNorm1d):
-    """Per-dimension standardisation of y_sem, no affine: batch statistics while training (running ones
-    for a batch of one, which has no spread), running statistics in eval mode."""
+    """Per-dimension standardisation of y_sem, no affine: batch statistics while training, running ones in
+    eval mode (and for a training batch of one, which has no spread).
+
+    Under data parallelism the batch statistics are those of the *global* batch (summed over processes
+    with an autograd-aware all-reduce), so that N processes with B/N samples each train exactly like one
+    with B; the mean is reduced first, then the centred squares (no E[x²] − E[x]² cancellation).
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] < 2:
+        if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
-        return super().forward(x)
+        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        total = _global_sum(torch.cat([count, x.sum(dim=0)]))
+        n = float(total[0].detach())
+        if n < 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        mean = total[1:] / n
+        var = _global_sum(((x - mean) ** 2).sum(dim=0)) / n
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+            self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), m)
+            self.num_batches_tracked += 1
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes of an initialised process group (differentiable), else ``t``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t)
+    return t
 
 
 class SmallCNN(nn.Module):
