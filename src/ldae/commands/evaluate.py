@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     ci = learned["ad_vs_cn"].get("auc_ci95")
     print(f"AD vs CN AUC {learned['ad_vs_cn']['auc']:.3f}" + (f" [95% CI {ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
           + f" (untrained {m['probe']['untrained']['ad_vs_cn']['auc']:.3f}"
-          + (f", oracle {m['probe']['oracle']['ad_vs_cn']['auc']:.3f}" if "oracle" in m["probe"] else "")
+          + "".join(f", {name.replace('_', ' ')} {m['probe'][name]['ad_vs_cn']['auc']:.3f}"
+                    for name in ("latent_pca", "oracle") if name in m["probe"])
           + f"); age MAE {learned['age']['mae']:.2f} y; AE SSIM {m['reconstruction']['autoencoder']['ssim']:.3f}")
     print(f"metrics -> {path}")
     return 0
