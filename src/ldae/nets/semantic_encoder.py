@@ -87,12 +87,13 @@ class CodeNorm(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
-        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
-        total = _global_sum(torch.cat([count, x.sum(dim=0)]))
-        n = float(total[0].detach())
+        n, sums = float(x.shape[0]), x.sum(dim=0)  # n from the shape: also works on the meta device
+        if _distributed():  # the global batch: counts and sums over all processes
+            total = _global_sum(torch.cat([torch.full((1,), n, dtype=x.dtype, device=x.device), sums]))
+            n, sums = float(total[0].detach()), total[1:]
         if n < 2:
             return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
-        mean = total[1:] / n
+        mean = sums / n
         var = _global_sum(((x - mean) ** 2).sum(dim=0)) / n
         with torch.no_grad():
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
@@ -102,15 +103,20 @@ class CodeNorm(nn.BatchNorm1d):
         return (x - mean) / torch.sqrt(var + self.eps)
 
 
-def _global_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the processes of an initialised process group (differentiable), else ``t``."""
+def _distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-        return all_reduce(t)
-    return t
+
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes (autograd-aware all-reduce) when distributed, else ``t``."""
+    if not _distributed():
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
 
 
 class SmallCNN(nn.Module):
