@@ -94,6 +94,13 @@ def test_output_norm_standardises_each_dimension_over_the_batch_then_uses_runnin
         normed.train()
         y_one = normed(x[:1])  # a training batch of one has no spread: running statistics, no error
     torch.testing.assert_close(y_one, expected[:1], atol=1e-4, rtol=1e-4)
+    # bfloat16 codes (mixed precision) are standardised in float32: a common offset of 8 with differences of
+    # 0.03-0.3 would lose them in bfloat16 sums
+    codes = (8.0 + 0.1 * torch.randn(64, 32, generator=torch.Generator().manual_seed(0))).bfloat16()
+    out = normed.out_norm(codes)
+    ref = codes.float()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (ref - ref.mean(0)) / torch.sqrt(ref.var(0, unbiased=False) + 1e-5), atol=1e-4, rtol=1e-4)
     with pytest.raises(ConfigError, match="output_norm: expected true or false"):
         tiny_encoder(output_norm="yes")
 

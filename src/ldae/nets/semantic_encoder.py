@@ -73,8 +73,8 @@ class EncoderAttention(NamedTuple):
 
 
 class CodeNorm(nn.BatchNorm1d):
-    """Per-dimension standardisation of y_sem, no affine: batch statistics while training, running ones in
-    eval mode (and for a training batch of one, which has no spread).
+    """Per-dimension standardisation of y_sem (float32 out), no affine: batch statistics while training,
+    running ones in eval mode (and for a training batch of one, which has no spread).
 
     Under data parallelism the batch statistics are those of the *global* batch (summed over processes
     with an autograd-aware all-reduce), so that N processes with B/N samples each train exactly like one
@@ -85,6 +85,9 @@ class CodeNorm(nn.BatchNorm1d):
         super().__init__(dim, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 whatever the autocast dtype: the subject differences it standardises can be a few % of the
+        # codes, below bfloat16's resolution once summed
+        x = x.float()
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
         n, sums = float(x.shape[0]), x.sum(dim=0)  # n from the shape: also works on the meta device
