@@ -109,6 +109,22 @@ def destroy_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def data_parallel() -> bool:
+    """True inside an initialised process group of more than one process (Trainer DDP or :func:`launch`)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes with an autograd-aware all-reduce under :func:`data_parallel`, else
+    ``t`` itself (for statistics a model needs over the global batch)."""
+    if not data_parallel():
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
+
+
 def wait_for_exit(pid: int, timeout_s: float, poll_s: float = 0.05) -> bool:
     """Wait until this process's parent ``pid`` has exited (we are re-parented); False on timeout."""
     deadline = time.monotonic() + timeout_s

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldae.distributed import data_parallel, global_sum
 from ldae.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,38 +89,24 @@ class CodeNorm(nn.BatchNorm1d):
         # float32 whatever the autocast dtype: the subject differences it standardises can be a few % of the
         # codes, below bfloat16's resolution once summed
         x = x.float()
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
-        n, sums = float(x.shape[0]), x.sum(dim=0)  # n from the shape: also works on the meta device
-        if _distributed():  # the global batch: counts and sums over all processes
-            total = _global_sum(torch.cat([torch.full((1,), n, dtype=x.dtype, device=x.device), sums]))
-            n, sums = float(total[0].detach()), total[1:]
-        if n < 2:
-            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
-        mean = sums / n
-        var = _global_sum(((x - mean) ** 2).sum(dim=0)) / n
+        if self.training:
+            n, sums = float(x.shape[0]), x.sum(dim=0)  # n from the shape: also works on the meta device
+            if data_parallel():  # the global batch: counts and sums over all processes
+                total = global_sum(torch.cat([torch.full((1,), n, dtype=x.dtype, device=x.device), sums]))
+                n, sums = float(total[0].detach()), total[1:]
+            if n >= 2:
+                return self._batch_standardise(x, n, sums / n)
+        return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+
+    def _batch_standardise(self, x: torch.Tensor, n: float, mean: torch.Tensor) -> torch.Tensor:
+        """``x`` standardised with the (global) batch mean and variance; the running statistics follow."""
+        var = global_sum(((x - mean) ** 2).sum(dim=0)) / n
         with torch.no_grad():
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
             self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), m)
             self.num_batches_tracked += 1
         return (x - mean) / torch.sqrt(var + self.eps)
-
-
-def _distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _global_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the processes (autograd-aware all-reduce) when distributed, else ``t``."""
-    if not _distributed():
-        return t
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t)
 
 
 class SmallCNN(nn.Module):
