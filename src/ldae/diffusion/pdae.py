@@ -33,7 +33,7 @@ def unet_and_shift(
     with torch.set_grad_enabled(grad_unet and torch.is_grad_enabled()):
         h, skips, emb = unet.encode(z_t, t)
         eps = unet.decode(h, skips, emb)
-    return eps, shift(skips, t, y_sem)
+    return eps, shift(skips, t, y_sem, emb)
 
 
 def pdae_loss(

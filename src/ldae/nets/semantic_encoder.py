@@ -347,7 +347,9 @@ def _check_float(cfg: Mapping[str, Any], name: str, key: str, low: float, high: 
 def build_semantic_encoder(
     cfg: Mapping[str, Any], load_pretrained: bool = True, key: str = "model.semantic_encoder"
 ) -> SemanticEncoder:
-    """Build the encoder from its config section (keys: ``REQUIRED_KEYS`` + ``OPTIONAL_DEFAULTS``).
+    """Build the encoder from its config section (keys: ``REQUIRED_KEYS`` + ``OPTIONAL_DEFAULTS``, and
+    ``architecture``: ``ldae``, the default, or ``official`` for the published LDAE's encoder,
+    :class:`ldae.nets.official_encoder.OfficialSemanticEncoder`).
 
     Args:
         cfg: the ``semantic_encoder`` config section.
@@ -357,6 +359,14 @@ def build_semantic_encoder(
     """
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"{key}: expected a mapping, got {type(cfg).__name__}")
+    architecture = cfg.get("architecture", "ldae")
+    if architecture == "official":  # the published LDAE's encoder, key for key (ldae.nets.official_encoder)
+        from ldae.nets.official_encoder import build_official_encoder
+
+        return build_official_encoder(cfg, load_pretrained=load_pretrained, key=key)
+    if architecture != "ldae":
+        raise ConfigError(f"{key}.architecture: expected 'ldae' or 'official', got {architecture!r}")
+    cfg = {k: v for k, v in cfg.items() if k != "architecture"}
     unknown = sorted(set(cfg) - set(REQUIRED_KEYS) - set(OPTIONAL_DEFAULTS))
     if unknown:
         raise ConfigError(f"{key}: unknown key {unknown[0]!r}; known keys: "

@@ -164,7 +164,18 @@ class Block(nn.ModuleList):
 
 
 def check_config(cfg: dict) -> dict:
-    """Validate a ``model`` section; return it with defaults filled in (ConfigError naming the key)."""
+    """Validate a ``model`` section; return it with defaults filled in (ConfigError naming the key).
+
+    ``architecture: official`` selects the published LDAE's network (:mod:`ldae.nets.adm_unet`, validated
+    there); ``ldae`` (the default) this module's UNet."""
+    architecture = cfg.get("architecture", "ldae")
+    if architecture == "official":
+        from ldae.nets import adm_unet
+
+        return adm_unet.check_config(cfg)
+    if architecture != "ldae":
+        raise ConfigError(f"config key 'model.architecture': expected 'ldae' or 'official', got {architecture!r}")
+    cfg = {k: v for k, v in cfg.items() if k != "architecture"}
     unknown = set(cfg) - set(CONFIG_KEYS)
     if unknown:
         raise ConfigError(f"unknown key(s) in config section 'model': {', '.join(sorted(unknown))}")
@@ -326,8 +337,9 @@ class LatentUNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict) -> LatentUNet:
-        """Build from a config's ``model`` section."""
-        return cls(**check_config(dict(cfg)))
+        """Build from a config's ``model`` section; with ``architecture: official`` the published LDAE's
+        UNet (:class:`ldae.nets.adm_unet.ADMUNet`, same interface) is returned instead."""
+        return build_unet(cfg)
 
     def encode(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """Input blocks + middle: ``(h after the middle block, skips, time embedding)``.
@@ -359,7 +371,7 @@ class LatentUNet(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(ε_θ(x, t), G_ψ(x, y_sem, t))`` from **one** encoder pass shared by both decoders."""
         h, skips, emb = self.encode(x, t)
-        return self.decode(h, skips, emb), shift_decoder(skips, t, y_sem)
+        return self.decode(h, skips, emb), shift_decoder(skips, t, y_sem, emb)
 
 
 class ShiftDecoder(nn.Module):
@@ -382,12 +394,36 @@ class ShiftDecoder(nn.Module):
         self.time_embed = TimeEmbedding(cfg["channels"][0])
         self.decoder = DecoderPath(cfg, cond_dim=self.cond_dim)
 
-    def forward(self, skips: Sequence[Tensor], t: Tensor, y_sem: Tensor) -> Tensor:
+    def forward(self, skips: Sequence[Tensor], t: Tensor, y_sem: Tensor, emb: Tensor | None = None) -> Tensor:
         """G_ψ from the encoder's ``skips`` (``skips[-1]`` feeds the middle block), timesteps ``t`` and
-        ``y_sem`` ``(B, cond_dim)``."""
+        ``y_sem`` ``(B, cond_dim)``. ``emb`` (the UNet's time embedding) is accepted for the common
+        interface and unused: this decoder embeds ``t`` itself."""
         emb = self.time_embed(t)
         h = self.decoder.middle(skips[-1], emb, y_sem)
         return self.decoder.up(h, skips, emb, y_sem)
+
+
+def build_unet(cfg: dict) -> nn.Module:
+    """The latent UNet of a ``model`` section: :class:`LatentUNet`, or with ``architecture: official``
+    :class:`ldae.nets.adm_unet.ADMUNet`. Both offer ``encode(x, t) -> (h, skips, emb)``,
+    ``decode(h, skips, emb)``, ``forward(x, t)``, ``make_shift_decoder(cond_dim)``, ``config``."""
+    checked = check_config(dict(cfg))
+    if checked.get("architecture") == "official":
+        from ldae.nets.adm_unet import ADMUNet
+
+        return ADMUNet(checked)
+    return LatentUNet(**checked)
+
+
+def build_shift_decoder(unet_cfg: dict, cond_dim: int) -> nn.Module:
+    """The gradient estimator for a UNet of configuration ``unet_cfg`` (a ``config`` attribute):
+    :class:`ShiftDecoder` or the official :class:`ldae.nets.adm_unet.ADMShiftDecoder`. Call it as
+    ``shift(skips, t, y_sem, emb)`` with ``(_, skips, emb) = unet.encode(z_t, t)``."""
+    if dict(unet_cfg).get("architecture") == "official":
+        from ldae.nets.adm_unet import ADMShiftDecoder
+
+        return ADMShiftDecoder(dict(unet_cfg), cond_dim)
+    return ShiftDecoder(dict(unet_cfg), cond_dim)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,155 @@
+"""ldae's networks are the published LDAE's networks: same state-dict layouts, same numbers.
+
+The fixture (tests/fixtures/official_conformance, see its README) was made by running the official code:
+the state-dict layouts of every release file at the paper's configuration, and the outputs of reduced
+configurations on weights that :mod:`official_release` regenerates by the fixture's rule. Tolerance: the
+fixture's, max |ldae − official| ≤ 1e-4 · max |official| (float32).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import official_release as R
+from ldae.errors import CheckpointError
+from ldae.nets import official_weights as W
+
+TOL = 1e-4
+
+
+def assert_close_to_official(ours: torch.Tensor, theirs: torch.Tensor, name: str) -> float:
+    diff = float((ours.float() - theirs.float()).abs().max())
+    bound = TOL * float(theirs.abs().max())
+    assert tuple(ours.shape) == tuple(theirs.shape), name
+    assert diff <= bound, f"{name}: max |diff| {diff:.3g} > {bound:.3g}"
+    return diff
+
+
+# ----------------------------------------------------------------------------- layouts (meta device)
+
+
+@pytest.mark.parametrize("entry", ["decoder_paper", "decoder_small"])
+def test_decoder_layout_maps_one_to_one(entry: str) -> None:
+    state = R.meta_state_dict(entry)
+    unet, shift = W.build_decoder(state, entry)
+    ours = {**unet.state_dict(), **shift.state_dict()}
+    assert len(ours) == len(state) == 530  # the two modules' trees have the official names, nothing else
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in state.items()}
+    cfg = R.manifest()[entry]["config"]
+    assert unet.config["channels"] == [cfg["base_channel"] * m for m in cfg["channel_multiplier"]]
+    assert unet.config["num_res_blocks"] == cfg["num_residual_blocks_of_a_block"]
+    assert unet.config["attention_factors"] == cfg["attention_resolutions"]
+    assert unet.config["num_heads"] == cfg["num_heads"] and shift.cond_dim == cfg["latent_dim"]
+
+
+def test_encoder_layout_maps_one_to_one() -> None:
+    state = R.meta_state_dict("encoder_paper")
+    encoder = W.build_encoder(state, "encoder.pth")
+    ours = encoder.state_dict()
+    aliases = [k for k in state if k.startswith(W.ALIAS_PREFIX)]
+    assert len(aliases) == len([k for k in ours if k.startswith("backbone.")]) == 342
+    assert list(ours) == [k for k in state if k not in aliases]  # same names, same order
+    assert all(tuple(ours[k].shape) == tuple(state[k].shape) for k in ours)
+    cfg = R.manifest()["encoder_paper"]["config"]
+    assert (encoder.emb_dim, encoder.num_slices) == (cfg["emb_chans"], cfg["seq_len"])
+    assert encoder.cross_attention.num_heads == 8
+
+
+@pytest.mark.parametrize("entry", ["autoencoder_paper", "autoencoder_small"])
+def test_autoencoder_layout_maps_one_to_one(entry: str) -> None:
+    cfg = R.manifest()[entry]["config"]
+    net, model_cfg = W.build_autoencoder(R.meta_state_dict(entry), entry, norm_num_groups=cfg["norm_num_groups"])
+    assert model_cfg["channels"] == cfg["num_channels"]
+    assert model_cfg["num_res_blocks"] == cfg["num_res_blocks"]
+    assert model_cfg["latent_channels"] == cfg["latent_channels"]
+    assert len(net.state_dict()) == len(R.manifest()[entry]["state_dict"])
+
+
+def test_paper_presets_build_the_official_layouts() -> None:
+    """A model trained by ldae at the paper preset has the release's layout (keys and shapes)."""
+    from ldae.config import load_preset
+    from ldae.nets.autoencoder import build_autoencoder
+    from ldae.nets.semantic_encoder import build_semantic_encoder
+    from ldae.nets.unet import LatentUNet
+
+    with torch.device("meta"):
+        unet = LatentUNet.from_config(load_preset("paper", "diffusion")["model"])
+        enc_cfg = load_preset("paper", "representation")["model"]["semantic_encoder"]
+        encoder = build_semantic_encoder(enc_cfg, load_pretrained=False)
+        shift = unet.make_shift_decoder(encoder.emb_dim)
+        ae = build_autoencoder(dict(load_preset("paper", "autoencoder")["model"], init_weights=None))
+    ref = R.meta_state_dict("decoder_paper")
+    ours = {**unet.state_dict(), **shift.state_dict()}
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    ref = {k: v for k, v in R.meta_state_dict("encoder_paper").items() if not k.startswith(W.ALIAS_PREFIX)}
+    ours = encoder.state_dict()
+    assert list(ours) == list(ref) and all(ours[k].shape == ref[k].shape for k in ref)
+    converted, _ = W.build_autoencoder(R.meta_state_dict("autoencoder_paper"), "autoencoder_paper")
+    assert {k: tuple(v.shape) for k, v in ae.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in converted.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def test_decoder_eps_and_shift_equal_official() -> None:
+    unet, shift = W.build_decoder(R.state_dict("decoder_small"), "decoder.pth")
+    unet.eval(), shift.eval()
+    e = R.expected()["decoder_small"]
+    with torch.no_grad():
+        eps, g = unet.forward_with_shift(e["z"], e["t"], shift, e["y"])
+    assert_close_to_official(eps, e["eps"], "eps")
+    assert_close_to_official(g, e["shift"], "shift")
+    assert float(g.abs().max()) > 0.1 and float(eps.abs().max()) > 0.1  # not trivially zero
+
+
+def test_autoencoder_equals_official() -> None:
+    net, _ = W.build_autoencoder(R.state_dict("autoencoder_small"), "autoencoderkl.pth", norm_num_groups=8)
+    e = R.expected()["autoencoder_small"]
+    x = R.rule_input(e["input_seed"], e["input_shape"], "rand")
+    with torch.no_grad():
+        mu, sigma = net.eval().encode(x)
+        decoded = net.decode(mu)
+    assert_close_to_official(mu, e["z_mu"], "z_mu")
+    assert_close_to_official(sigma, e["z_sigma"], "z_sigma")
+    assert_close_to_official(decoded, e["decoded"], "decoded")
+
+
+@pytest.mark.slow
+def test_encoder_and_classifier_equal_official() -> None:
+    """ConvNeXt-Small over 2 × 128 slices of 128×160 on the CPU: ~100 s on 2 busy cores (measured)."""
+    encoder = W.build_encoder(R.state_dict("encoder_paper"), "encoder.pth").eval()
+    e = R.expected()
+    x = R.rule_input(e["encoder_paper"]["input_seed"], e["encoder_paper"]["input_shape"], "rand")
+    start = time.perf_counter()
+    with torch.no_grad():
+        y = encoder(x)  # model-ready (B, 1, X, Y, Z); the official network was fed x.permute(0, 1, 4, 2, 3)
+    print(f"paper encoder on {tuple(x.shape)}: {time.perf_counter() - start:.1f} s")
+    assert_close_to_official(y, e["encoder_paper"]["y_sem"], "y_sem")
+    w, b = W.classifier_weights(R.state_dict("classifier"), encoder.emb_dim)
+    assert_close_to_official(y @ w.T + b, e["classifier"]["logit"], "classifier logit")
+
+
+# ----------------------------------------------------------------------------- strictness
+
+
+def test_one_wrong_key_is_named() -> None:
+    state = R.meta_state_dict("decoder_small")
+    state["shift_out.2.weightx"] = state.pop("shift_out.2.weight")
+    with pytest.raises(CheckpointError, match=r"decoder.pth: unexpected key 'shift_out.2.weightx'"):
+        W.build_decoder(state, "decoder.pth")
+    state = R.meta_state_dict("decoder_small")
+    del state["output_blocks.3.1.qkv.bias"]
+    with pytest.raises(CheckpointError, match=r"missing key 'output_blocks.3.1.qkv.bias'"):
+        W.build_decoder(state, "decoder.pth")
+    state = R.meta_state_dict("encoder_paper")
+    state["query_projection.weight"] = torch.empty(768, 767, device="meta")
+    with pytest.raises(CheckpointError, match=r"'query_projection.weight' has shape \(768, 767\)"):
+        W.build_encoder(state, "encoder.pth")
+    state = R.meta_state_dict("autoencoder_small")
+    state["decoder.blocks.1.conv1.conv.weight"] = torch.empty(16, 16, 3, 3, 2, device="meta")
+    with pytest.raises(CheckpointError, match=r"autoencoderkl.pth: .*decoder.blocks.1.conv1.conv.weight"):
+        W.build_autoencoder(state, "autoencoderkl.pth", norm_num_groups=8)
