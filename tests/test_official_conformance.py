@@ -153,3 +153,59 @@ def test_one_wrong_key_is_named() -> None:
     state["decoder.blocks.1.conv1.conv.weight"] = torch.empty(16, 16, 3, 3, 2, device="meta")
     with pytest.raises(CheckpointError, match=r"autoencoderkl.pth: .*decoder.blocks.1.conv1.conv.weight"):
         W.build_autoencoder(state, "autoencoderkl.pth", norm_num_groups=8)
+
+
+# ----------------------------------------------------------------------------- the official DDIM
+
+
+def _reference_official_ddim(eps_fn, z, steps: int, encode: bool) -> torch.Tensor:
+    """The official "ddimN" written from its description, independently of ldae.diffusion.ddim: respaced
+    betas 1 − ᾱ[m_k]/ᾱ[m_{k−1}] over the kept timesteps m, their own ᾱ' / ᾱ'_prev / ᾱ'_next tables, the
+    model called at m[i] for index i, ẑ_0 clamped to [−1, 1] and ε recomputed from it."""
+    import numpy as np
+
+    acp = np.cumprod(1.0 - np.linspace(1e-4, 2e-2, 1000))
+    keep = sorted({int(s) for s in np.linspace(0, 999, steps + 1)})
+    betas, last = [], 1.0
+    for i in keep:
+        betas.append(1.0 - acp[i] / last)
+        last = acp[i]
+    a = np.cumprod(1.0 - np.array(betas))
+    prev, nxt = np.append(1.0, a[:-1]), np.append(a[1:], 0.0)
+    n = len(betas) - 1
+    order = range(n) if encode else reversed(range(1, n + 1))
+    for i in order:
+        eps = eps_fn(z, torch.full((z.shape[0],), keep[i], dtype=torch.long))
+        x0 = (np.sqrt(1.0 / a[i]) * z - np.sqrt(1.0 / a[i] - 1.0) * eps).clamp(-1, 1)
+        eps = (np.sqrt(1.0 / a[i]) * z - x0) / np.sqrt(1.0 / a[i] - 1.0)
+        target = nxt[i] if encode else prev[i]
+        z = x0 * np.sqrt(target) + np.sqrt(1.0 - target) * eps
+    return z
+
+
+@pytest.mark.parametrize("steps", [10, 50, 100])
+def test_official_sampler_reproduces_official_ddim(steps: int) -> None:
+    from ldae.diffusion.ddim import official_ddim_invert, official_ddim_sample, official_timesteps
+    from ldae.diffusion.schedule import NoiseSchedule
+
+    ts = official_timesteps(steps)
+    assert len(ts) == steps + 1 and int(ts[0]) == 0 and int(ts[-1]) == 999
+    if steps == 100:
+        assert ts[:3].tolist() == [0, 9, 19] and ts[-2:].tolist() == [989, 999]
+    calls: list[int] = []
+
+    def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a smooth stand-in for ε_θ
+        calls.append(int(t[0]))
+        return torch.tanh(0.7 * z + 1e-3 * t.double().reshape(-1, 1, 1) - 0.2)
+
+    z = 1.5 * torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    schedule = NoiseSchedule(1000, 1e-4, 2e-2)
+    ours = official_ddim_sample(eps_fn, z, schedule, steps)
+    assert len(calls) == steps and calls[0] == 999 and calls[-1] == int(ts[1])
+    ref = _reference_official_ddim(eps_fn, z, steps, encode=False)
+    assert float((ours - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+    calls.clear()
+    ours = official_ddim_invert(eps_fn, z, schedule, steps)
+    assert len(calls) == steps and calls[0] == 0 and calls[-1] == int(ts[-2])
+    ref = _reference_official_ddim(eps_fn, z, steps, encode=True)
+    assert float((ours - ref).abs().max()) <= 1e-10 * float(ref.abs().max())

@@ -9,6 +9,13 @@ Sampling walks the timesteps of :func:`ddim_timesteps` downwards and ends at the
 inversion (η = 0) walks the same levels upwards from the clean level, evaluating ε at the level it
 leaves (first-order accurate, so round trips converge linearly in the step size). Predicted latents are
 not clamped unless ``clip`` is given (latents are not bounded to [-1, 1]).
+
+The published LDAE code samples differently ("ddimN", inherited from PDAE), and
+:func:`official_ddim_sample` / :func:`official_ddim_invert` reproduce it to compare results one to one:
+its N steps walk the N+1 levels ``int(linspace(0, T−1, N+1))`` (ddim100: 0, 9, 19, ..., 989, 999), the clean
+data is identified with level t = 0 (ᾱ_0 = 1 − β_0 rather than 1), and ẑ_0 is clamped to [−1, 1] at every
+step of sampling **and** inversion (the clamp breaks the exactness of inversion for latents outside
+[−1, 1]; ldae's DDIM, the default, never clamps).
 """
 
 from __future__ import annotations
@@ -147,3 +154,62 @@ def ddim_invert(
         z, _ = ddim_step(z, eps, alpha_t, alpha_s)
         alpha_t, t_eval = alpha_s, ts[i]
     return z
+
+
+# ----------------------------------------------------------------------------- the official sampler
+
+#: ``ldae``: this module's DDIM (reaches T−1 and the clean level, no clamp); ``official``: the published
+#: LDAE code's "ddimN" (:func:`official_ddim_sample`), to compare results one to one with it
+SAMPLERS = ("ldae", "official")
+
+
+def official_timesteps(steps: int, T: int = 1000) -> Tensor:
+    """The levels of the published LDAE code's "ddimN" (from PDAE), ascending: the distinct
+    ``int(s)`` (truncated) of ``linspace(0, T−1, steps + 1)``. For ``steps`` <= T−1 these are ``steps + 1``
+    levels from t = 0 to t = T−1 (ddim100: 0, 9, 19, ..., 989, 999); ``steps`` model evaluations walk
+    between them, and the clean data is identified with level t = 0 (ᾱ_0 = 1 − β_0, not 1)."""
+    steps, T = int(steps), int(T)
+    if not 1 <= steps <= T:
+        raise ConfigError(f"number of DDIM steps must be between 1 and {T}, got {steps}")
+    levels = sorted({int(s) for s in np.linspace(0, T - 1, steps + 1)})
+    return torch.tensor(levels, dtype=torch.long)
+
+
+@torch.no_grad()
+def official_ddim_sample(eps_fn: EpsFn, z_T: Tensor, schedule: NoiseSchedule, steps: int,
+                         progress: bool = False) -> Tensor:
+    """Deterministic DDIM as the published LDAE code runs it: from level t = T−1 down the levels of
+    :func:`official_timesteps`, each step ``ddim_step(clip=1)`` (ẑ_0 clamped to [−1, 1], ε re-derived from
+    it), the last step landing on level t = 0 (ᾱ_0), which is returned as the sample."""
+    ts = official_timesteps(steps, schedule.T).tolist()
+    acp = schedule.alphas_cumprod
+    z = z_T
+    for i in _progress(reversed(range(1, len(ts))), len(ts) - 1, "DDIM sampling (official)", progress):
+        eps = eps_fn(z, torch.full((z.shape[0],), ts[i], dtype=torch.long, device=z.device))
+        z, _ = ddim_step(z, eps, float(acp[ts[i]]), float(acp[ts[i - 1]]), clip=1.0)
+    return z
+
+
+@torch.no_grad()
+def official_ddim_invert(eps_fn: EpsFn, z_0: Tensor, schedule: NoiseSchedule, steps: int,
+                         progress: bool = False) -> Tensor:
+    """DDIM inversion as the published LDAE code runs it: ``z_0`` is taken as level t = 0, each step
+    evaluates ε at the level it leaves and moves up one level of :func:`official_timesteps` with the same
+    [−1, 1] clamp of ẑ_0, ending at t = T−1."""
+    ts = official_timesteps(steps, schedule.T).tolist()
+    acp = schedule.alphas_cumprod
+    z = z_0
+    for i in _progress(range(len(ts) - 1), len(ts) - 1, "DDIM inversion (official)", progress):
+        eps = eps_fn(z, torch.full((z.shape[0],), ts[i], dtype=torch.long, device=z.device))
+        z, _ = ddim_step(z, eps, float(acp[ts[i]]), float(acp[ts[i + 1]]), clip=1.0)
+    return z
+
+
+def sampler_functions(sampler: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """``(sample, invert)`` of a sampler name (:data:`SAMPLERS`); both take ``(eps_fn, z, schedule,
+    steps)``. ConfigError naming the value otherwise."""
+    if sampler == "ldae":
+        return ddim_sample, ddim_invert
+    if sampler == "official":
+        return official_ddim_sample, official_ddim_invert
+    raise ConfigError(f"unknown DDIM sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
