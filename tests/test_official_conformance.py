@@ -209,3 +209,66 @@ def test_official_sampler_reproduces_official_ddim(steps: int) -> None:
     assert len(calls) == steps and calls[0] == 0 and calls[-1] == int(ts[-2])
     ref = _reference_official_ddim(eps_fn, z, steps, encode=True)
     assert float((ours - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+
+
+# ----------------------------------------------------------------------------- the common interface
+
+SMALL_OFFICIAL = {"architecture": "official", "in_channels": 3, "channels": [16, 32], "num_res_blocks": 1,
+                  "attention_factors": [2], "dropout": 0.0, "num_heads": 2, "norm_num_groups": 8}
+
+
+def test_official_unet_trains_and_samples_through_ldae_interfaces() -> None:
+    """Training (PDAE loss), the shared-encoder guided ε and the shift-decoder factories work on the
+    official architecture exactly as on ldae's."""
+    from ldae.diffusion.pdae import guided_eps_fn, pdae_loss
+    from ldae.diffusion.schedule import NoiseSchedule
+    from ldae.nets.adm_unet import ADMShiftDecoder, ADMUNet
+    from ldae.nets.unet import LatentUNet, build_shift_decoder, check_config
+
+    unet = LatentUNet.from_config(SMALL_OFFICIAL)
+    assert isinstance(unet, ADMUNet) and check_config(SMALL_OFFICIAL) == unet.config
+    shift = unet.make_shift_decoder(12)
+    twin = build_shift_decoder(unet.config, 12)  # what loading a stage-3 checkpoint builds
+    assert isinstance(twin, ADMShiftDecoder) and twin.state_dict().keys() == shift.state_dict().keys()
+    schedule = NoiseSchedule(1000, 1e-4, 2e-2)
+    g = torch.Generator().manual_seed(0)
+    z0, y = torch.randn(2, 3, 4, 6, 4, generator=g), torch.randn(2, 12, generator=g)
+    loss = pdae_loss(unet, shift, schedule, z0, y, generator=g)
+    loss.backward()
+    assert all(p.grad is None for p in unet.parameters())  # the frozen UNet gets nothing
+    assert float(shift.shift_out[2].weight.grad.abs().sum()) > 0
+    with torch.no_grad():
+        for p in shift.shift_out.parameters():
+            p.normal_(0, 0.1)  # G ≠ 0
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        eps, gs = unet.eval().forward_with_shift(z0, t, shift.eval(), y)
+    scale = (1 - schedule.alphas_cumprod[t]).sqrt().float().reshape(-1, 1, 1, 1, 1)
+    guided = guided_eps_fn(unet, shift, schedule, y)(z0, t)
+    assert float((guided - (eps - scale * gs)).abs().max()) < 1e-6 and float(gs.abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="shares the UNet's time embedding"):
+        shift(unet.encode(z0, t)[1], t, y)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        unet(torch.randn(1, 3, 4, 5, 4), t[:1])
+
+
+def test_official_encoder_interface() -> None:
+    from ldae.nets.official_encoder import OfficialSemanticEncoder
+    from ldae.nets.semantic_encoder import build_semantic_encoder
+
+    cfg = {"architecture": "official", "backbone": "small_cnn", "widths": [8, 16], "emb_dim": 16,
+           "num_heads": 4, "num_slices": 6, "slice_chunk": 4}
+    enc = build_semantic_encoder(cfg).eval()
+    assert isinstance(enc, OfficialSemanticEncoder) and enc.emb_dim == 16 and enc.num_slices == 6
+    x = torch.rand(2, 1, 8, 10, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y, att = enc(x, return_attention=True)
+        assert y.shape == (2, 16) and att.pool.shape == att.cross.shape == (2, 6)
+        assert torch.allclose(att.pool.sum(1), torch.ones(2)) and torch.allclose(enc(x), y, atol=1e-5)
+        # LayerNorm output (weight 1, bias 0 at init), no standardisation over the batch: mean 0, var 1 per code
+        assert torch.allclose(y.mean(1), torch.zeros(2), atol=1e-5)
+        assert torch.allclose(y.var(1, unbiased=False), torch.ones(2), atol=1e-3)
+        # the slice order matters (sinusoidal positions): reversing the axial slices changes y
+        assert not torch.allclose(enc(x.flip(-1)), y, atol=1e-4)
+    with pytest.raises(Exception, match="unknown key 'output_norm'"):
+        build_semantic_encoder({**cfg, "output_norm": True})
