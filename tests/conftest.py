@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``LDAE_TEST_TINY_RUN=DIR`` reuses (or creates) a run folder across sessions while developing."""
     from ldae.data.cohort import assign_splits, read_cohort, write_cohort
     from ldae.data.phantom import write_phantom_cohort
-    from ldae.pipeline import run_pipeline
+    from ldae.jobs.pipeline import run_pipeline
 
     reuse = os.environ.get("LDAE_TEST_TINY_RUN")
     root = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny_run")

@@ -19,7 +19,7 @@ from ldae.config import load_preset
 from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.autoencoder import build_autoencoder, discriminator_logits, kl_loss, l1_loss, latent_shape
 from ldae.nets.perceptual import NetworkAccessBlocked, build_perceptual_loss, no_network
-from ldae.stages.autoencoder import AutoencoderModule, fit, frozen, load_autoencoder, lr_factor
+from ldae.training.autoencoder import AutoencoderModule, fit, frozen, load_autoencoder, lr_factor
 
 SMALL_MODEL = {"channels": [8, 16], "latent_channels": 3, "num_res_blocks": 1, "norm_num_groups": 4}
 
@@ -322,7 +322,7 @@ def test_fit_phantom_cohort_end_to_end(tmp_path: Path, phantom_cohort: Path) -> 
                        ckpt["state_dict"]["autoencoder.quant_conv_mu.conv.weight"])
     # best = the epoch with the highest val/ssim (recompute it from the reloaded weights)
     from ldae.data.datamodule import VolumeDataModule
-    from ldae.evaluation.metrics import ssim3d
+    from ldae.metrics import ssim3d
 
     dm = VolumeDataModule(phantom_cohort, spacing=6.0, shape=(32, 40, 32), seed=0, val_fraction=0.2)
     dm.setup()
@@ -355,7 +355,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path, phantom_co
         def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             seen.append(trainer.global_step)
 
-    import ldae.stages.common as stage
+    import ldae.training.common as stage
 
     original = stage.make_trainer
     stage.make_trainer = lambda *a, **k: original(*a, callbacks=[Spy()], **k)

@@ -314,7 +314,7 @@ def test_supervised_checkpoint_round_trip(small_fits: dict[str, Path]):
 
 
 def test_fit_registry_and_print_config(capsys: pytest.CaptureFixture[str]):
-    from ldae.stages import STAGE_MODULES
+    from ldae.training import STAGE_MODULES
 
     assert STAGE_MODULES["voxel_dae"] == "ldae.baselines.voxel_dae"
     assert STAGE_MODULES["supervised"] == "ldae.baselines.supervised"

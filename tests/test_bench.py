@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldae.bench import (
+from ldae.cli import main
+from ldae.errors import ConfigError
+from ldae.jobs.bench import (
     SECTIONS,
     BenchOptions,
     PeakMemory,
@@ -31,8 +33,6 @@ from ldae.bench import (
     time_pair,
     voxel_reconstruction,
 )
-from ldae.cli import main
-from ldae.errors import ConfigError
 
 CPU = torch.device("cpu")
 

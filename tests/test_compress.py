@@ -18,9 +18,9 @@ from ldae.config import load_preset
 from ldae.data.cohort import ensure_split, read_cohort
 from ldae.data.transforms import load_model_ready
 from ldae.errors import CohortError
+from ldae.jobs.compress import compress, default_out_dir, latent_names, read_latent_meta
 from ldae.runs import COMPRESSED_CSV, LATENT_META
-from ldae.stages.autoencoder import AutoencoderModule
-from ldae.stages.compress import compress, default_out_dir, latent_names, read_latent_meta
+from ldae.training.autoencoder import AutoencoderModule
 
 
 def _checkpoint(path: Path, seed: int = 0) -> Path:
@@ -57,7 +57,7 @@ def test_compress_round_trip(tmp_path: Path, ckpt: Path, phantom_cohort: Path) -
     expected = ensure_split(read_cohort(phantom_cohort), seed=0, test_fraction=0.1, val_fraction=0.01)
     assert list(df["split"]) == list(expected["split"])
 
-    from ldae.stages.autoencoder import load_autoencoder
+    from ldae.training.autoencoder import load_autoencoder
 
     net, _ = load_autoencoder(ckpt)
     for i in (0, 7):

@@ -115,9 +115,9 @@ if __name__ == "__main__":
 
     from ldae.cli import main
     from ldae.nets.unet import LatentUNet
-    from ldae.stages.autoencoder import AutoencoderModule
-    from ldae.stages.latent_diffusion import LatentDiffusionModule
-    from ldae.stages.representation import RepresentationModule
+    from ldae.training.autoencoder import AutoencoderModule
+    from ldae.training.latent_diffusion import LatentDiffusionModule
+    from ldae.training.representation import RepresentationModule
 
     LatentUNet.from_config = staticmethod(perturbed(LatentUNet.from_config))
     LatentDiffusionModule.training_step = per_sample_training_step
@@ -288,7 +288,7 @@ def test_autoencoder_ddp_finds_unused_parameters(tmp_path: Path, monkeypatch: py
     """Each of stage 1's two backward passes leaves one network without gradients: plain ``ddp`` would
     fail at the second step, so the stage switches to ``ddp_find_unused_parameters_true``."""
     from ldae.config import load_preset
-    from ldae.stages import autoencoder, common
+    from ldae.training import autoencoder, common
 
     seen = {}
 

@@ -51,7 +51,7 @@ def test_demo_end_to_end_miniature(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_auc_aims_need_both_the_test_split_and_the_cross_validation() -> None:
-    from ldae.demo import check_aims
+    from ldae.jobs.demo import check_aims
 
     aims = {"auc_gap_to_oracle_max": 0.05, "auc_gain_over_untrained_min": 0.1, "ldae_vs_ae_ssim_gap_max": 0.01}
 

@@ -112,7 +112,7 @@ def test_factor_section_probes_present_numeric_columns_only() -> None:
     import numpy as np
     import pandas as pd
 
-    from ldae.evaluation.run import factor_section
+    from ldae.evaluation.evaluate import factor_section
 
     rng = np.random.default_rng(0)
     n = 60
@@ -130,7 +130,7 @@ def test_factor_section_probes_present_numeric_columns_only() -> None:
 def test_other_subject_rows_pairs_every_row_with_another_subject() -> None:
     import pandas as pd
 
-    from ldae.evaluation.run import other_subject_rows
+    from ldae.evaluation.evaluate import other_subject_rows
 
     subject = pd.Series(["a", "a", "a", "b", "c", "c"], index=[10, 11, 12, 13, 14, 15])
     rows = [10, 11, 12, 13, 14, 15]

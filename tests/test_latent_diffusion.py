@@ -18,9 +18,9 @@ from torch import nn
 from ldae.cli import main
 from ldae.config import load_preset
 from ldae.errors import CheckpointError, CohortError, ConfigError
-from ldae.stages.compress import read_latent_meta
-from ldae.stages.ema import EMA, FrozenEvalMixin, freeze
-from ldae.stages.latent_diffusion import LatentDiffusionModule, fit, load_latent_diffusion, volume_affine
+from ldae.jobs.compress import read_latent_meta
+from ldae.training.ema import EMA, FrozenEvalMixin, freeze
+from ldae.training.latent_diffusion import LatentDiffusionModule, fit, load_latent_diffusion, volume_affine
 
 LATENT = [3, 8, 10, 8]
 SMALL_UNET = {"channels": [8, 16], "num_res_blocks": 1, "attention_factors": [2], "num_heads": 2,
@@ -154,9 +154,9 @@ def test_training_lowers_the_loss(tmp_path):
 
 
 def _write_autoencoder_checkpoint(path: Path) -> None:
+    from ldae.checkpoints import stage_metadata
     from ldae.nets.autoencoder import build_autoencoder
-    from ldae.stages.autoencoder import STATE_PREFIX
-    from ldae.stages.common import stage_metadata
+    from ldae.training.autoencoder import STATE_PREFIX
 
     cfg = load_preset("tiny", "autoencoder")
     cfg["model"].update(AE_MODEL)

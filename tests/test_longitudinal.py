@@ -8,12 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from ldae.diffusion.interpolation import lerp, slerp
 from ldae.errors import CohortError, LDAEError
 from ldae.evaluation.longitudinal import (
     enumerate_triplets,
-    lerp,
     nearest_visit_baseline,
-    slerp,
     summarize_triplet_scores,
 )
 

@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ldae.evaluation.metrics import gaussian_kernel1d, mse, psnr, reconstruction_metrics, ssim3d
+from ldae.metrics import gaussian_kernel1d, mse, psnr, reconstruction_metrics, ssim3d
 
 
 def _pair(shape=(2, 1, 16, 20, 14), seed=0):

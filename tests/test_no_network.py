@@ -92,8 +92,8 @@ def test_whole_tiny_run_without_network(no_network: list[str], tmp_path: Path,
 
     from ldae.data.cohort import assign_splits, read_cohort, write_cohort
     from ldae.data.phantom import write_phantom_cohort
+    from ldae.jobs.pipeline import run_pipeline
     from ldae.model import LDAE
-    from ldae.pipeline import run_pipeline
     from ldae.runs import COMPRESSED_CSV, stage_dir
 
     csv = write_phantom_cohort(tmp_path / "cohort", n_subjects=15, sessions=(0, 12, 24), seed=0)

@@ -1,4 +1,4 @@
-"""`ldae predict` and ``ldae.predict`` on the briefly trained tiny run (tests/conftest.py::tiny_run).
+"""`ldae predict` and ``ldae.jobs.predict`` on the briefly trained tiny run (tests/conftest.py::tiny_run).
 
 The probes are fitted here with ``ldae.evaluation.probes`` on y_sem computed scan by scan (the same
 functions ``ldae evaluate`` uses, without its slow sections), so the predictions of the batched
@@ -103,7 +103,7 @@ def test_cli_json_matches_scikit_learn_probe_on_test_rows(probed: ProbedRun, cap
 def test_ad_scored_above_cn(probed: ProbedRun, model):
     """The phantom cohort plants a severity signal (larger 'ventricles' in AD). Asserted on the rows the
     probe was fitted on (train) and, because the phantom signal is strong, on the held-out test rows."""
-    from ldae.predict import predict
+    from ldae.jobs.predict import predict
 
     df = probed.df[probed.df["diagnosis"].isin(["AD", "CN"])]
     res = predict(model, df["path"].tolist(), batch_size=8, progress=False)
@@ -116,7 +116,7 @@ def test_ad_scored_above_cn(probed: ProbedRun, model):
 
 
 def test_batching_does_not_change_results(probed: ProbedRun, model):
-    from ldae.predict import predict
+    from ldae.jobs.predict import predict
 
     paths = probed.df["path"].tolist()[:5]
     one = predict(model, paths, batch_size=1, progress=False)
@@ -170,7 +170,7 @@ def test_missing_unreadable_and_4d_scans_are_named(probed: ProbedRun, tmp_path: 
 
 def test_wrong_field_of_view_is_named(probed: ProbedRun, model, tmp_path: Path):
     """A raw-like grid (1 mm, 64³ = 64 mm field of view) is refused; the model's grid (6 mm, 32×40×32) passes."""
-    from ldae.predict import check_scan, predict
+    from ldae.jobs.predict import check_scan, predict
 
     rng = np.random.default_rng(0)
     raw = _write(tmp_path / "raw.nii.gz", rng.random((64, 64, 64)), spacing=1.0)
@@ -189,7 +189,7 @@ def test_wrong_field_of_view_is_named(probed: ProbedRun, model, tmp_path: Path):
 
 
 def test_bad_voxels_error_names_file(probed: ProbedRun, model, tmp_path: Path):
-    from ldae.predict import predict
+    from ldae.jobs.predict import predict
 
     vol = np.random.default_rng(0).random((32, 40, 32))
     vol[3, 3, 3] = np.nan
@@ -200,7 +200,7 @@ def test_bad_voxels_error_names_file(probed: ProbedRun, model, tmp_path: Path):
 
 def test_probes_of_another_size_and_batch_size(probed: ProbedRun, model):
     from ldae.evaluation.probes import load_probes
-    from ldae.predict import predict
+    from ldae.jobs.predict import predict
 
     probes = load_probes(probed.run / "evaluation" / "probes.json")
     for part in ("ad_vs_cn", "age"):
@@ -214,8 +214,8 @@ def test_probes_of_another_size_and_batch_size(probed: ProbedRun, model):
 
 # ----------------------------------------------------------------------------------- --preprocess
 def test_preprocess_without_ants_says_so(probed: ProbedRun, model, monkeypatch):
-    import ldae.data.preprocess as pre
-    from ldae.predict import predict
+    import ldae.jobs.preprocess as pre
+    from ldae.jobs.predict import predict
 
     def no_ants():
         raise LDAEError(pre.INSTALL_HINT)
@@ -228,9 +228,9 @@ def test_preprocess_without_ants_says_so(probed: ProbedRun, model, monkeypatch):
 def test_preprocess_runs_before_prediction(probed: ProbedRun, model, monkeypatch, tmp_path: Path):
     """The raw scan goes through preprocess_scan (stubbed: a 2-voxel shift, no ANTs run) into a temporary
     folder; results are those of the preprocessed volume but keep the user's file name."""
-    import ldae.data.preprocess as pre
+    import ldae.jobs.preprocess as pre
     from ldae.io import write_nifti
-    from ldae.predict import predict
+    from ldae.jobs.predict import predict
 
     calls = []
 

@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from ldae.data import preprocess as pp
 from ldae.errors import CohortError, ConfigError
+from ldae.jobs import preprocess as pp
 
 # Coarse settings for the one in-suite registration (the slow test runs the defaults).
 FAST = [

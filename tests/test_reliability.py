@@ -64,7 +64,7 @@ def _save(module, path: Path) -> Path:
 
 
 def make_autoencoder_ckpt(run: Path, seed: int = 0) -> Path:
-    from ldae.stages.autoencoder import AutoencoderModule
+    from ldae.training.autoencoder import AutoencoderModule
 
     torch.manual_seed(seed)
     cfg = load_preset("tiny", "autoencoder")
@@ -76,8 +76,8 @@ def make_autoencoder_ckpt(run: Path, seed: int = 0) -> Path:
 
 def make_diffusion_ckpt(run: Path, latents_csv: Path, seed: int = 0, preset: str = "tiny",
                         model: dict | None = None) -> Path:
-    from ldae.stages.compress import read_latent_meta
-    from ldae.stages.latent_diffusion import LatentDiffusionModule
+    from ldae.jobs.compress import read_latent_meta
+    from ldae.training.latent_diffusion import LatentDiffusionModule
 
     meta = read_latent_meta(latents_csv)
     cfg = load_preset(preset, "diffusion")
@@ -90,7 +90,7 @@ def make_diffusion_ckpt(run: Path, latents_csv: Path, seed: int = 0, preset: str
 
 
 def make_representation_ckpt(run: Path, diffusion: Path, seed: int = 0) -> Path:
-    from ldae.stages.representation import RepresentationModule
+    from ldae.training.representation import RepresentationModule
 
     cfg = load_preset("tiny", "representation")
     cfg["out"] = str(stage_dir(run, "representation"))
@@ -103,7 +103,7 @@ def make_representation_ckpt(run: Path, diffusion: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN/{autoencoder,latents,diffusion,representation} on a 6-subject phantom cohort (tiny preset)."""
-    from ldae.stages.compress import compress
+    from ldae.jobs.compress import compress
 
     root = tmp_path_factory.mktemp("fake_run")
     csv = write_phantom_cohort(root / "cohort", n_subjects=6, sessions=(0, 12), seed=0)
@@ -449,7 +449,7 @@ def _fail_midway(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> 
 
 def test_writers_leave_nothing_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ldae import io
-    from ldae.stages.common import make_checkpoint_io
+    from ldae.training.common import make_checkpoint_io
 
     cases = [
         (np, "savez_compressed", lambda p: io.write_npz(p, latent=np.zeros(3)), "a.npz"),
@@ -480,7 +480,7 @@ def test_writers_leave_nothing_when_interrupted(tmp_path: Path, monkeypatch: pyt
 def test_compress_interrupted_by_a_failing_write(fake_run: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A write failing on the 3rd latent: no cohort CSV/meta, the written latents are complete, no temp files."""
-    from ldae.stages.compress import compress
+    from ldae.jobs.compress import compress
 
     real = np.savez_compressed
     calls = {"n": 0}
@@ -524,9 +524,9 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_stage_loaders_refuse_extra_or_missing_weights(fake_run: Path, tmp_path: Path) -> None:
     """Every stage loader is strict: one extra and one missing key are both named."""
     from ldae.errors import CheckpointError
-    from ldae.stages.autoencoder import load_autoencoder
-    from ldae.stages.latent_diffusion import load_latent_diffusion
-    from ldae.stages.representation import load_representation
+    from ldae.training.autoencoder import load_autoencoder
+    from ldae.training.latent_diffusion import load_latent_diffusion
+    from ldae.training.representation import load_representation
 
     loaders = {"autoencoder": load_autoencoder, "diffusion": load_latent_diffusion,
                "representation": load_representation}
@@ -551,7 +551,7 @@ def test_stage_loaders_refuse_extra_or_missing_weights(fake_run: Path, tmp_path:
 
 
 def test_compress_is_deterministic(fake_run: Path, tmp_path: Path) -> None:
-    from ldae.stages.compress import compress
+    from ldae.jobs.compress import compress
 
     ae = stage_dir(fake_run, "autoencoder") / "checkpoints" / "best.ckpt"
     csv = stage_dir(fake_run, "latents") / COMPRESSED_CSV

@@ -39,7 +39,7 @@ def test_run_layout_and_checkpoint_contents(tiny_run: Path):
 def test_frozen_unet_stays_in_eval_mode(tiny_run: Path):
     from ldae.config import load_preset
     from ldae.runs import find_checkpoint
-    from ldae.stages.representation import RepresentationModule
+    from ldae.training.representation import RepresentationModule
 
     cfg = load_preset("tiny", "representation")
     cfg["out"] = str(tiny_run / "scratch")
@@ -99,7 +99,7 @@ def test_load_errors(tmp_path: Path, tiny_run: Path):
     with pytest.raises(CheckpointError, match="no representation checkpoint"):
         LDAE.load(tmp_path)
     from ldae.runs import find_checkpoint
-    from ldae.stages.representation import load_representation
+    from ldae.training.representation import load_representation
 
     with pytest.raises(CheckpointError, match="expected stage 'representation'"):
         load_representation(find_checkpoint(tiny_run, "diffusion"))
@@ -109,7 +109,7 @@ def test_load_errors(tmp_path: Path, tiny_run: Path):
 def test_bad_repeats_named_before_anything_is_read(bad) -> None:
     from ldae.config import load_preset
     from ldae.errors import ConfigError
-    from ldae.stages.representation import fit
+    from ldae.training.representation import fit
 
     cfg = load_preset("tiny", "representation")
     cfg["diffusion_checkpoint"], cfg["data"]["csv"] = "/nonexistent/best.ckpt", "/nonexistent.csv"

@@ -3,17 +3,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldae.checkpoints import CHECKPOINT_KEY, load_checkpoint, stage_metadata
 from ldae.errors import CheckpointError, ConfigError
 from ldae.io import save_torch
+from ldae.nets.weights import load_state_dict_strict
 from ldae.runs import find_checkpoint
-from ldae.stages.common import (
-    CHECKPOINT_KEY,
-    load_checkpoint,
-    load_state_dict_strict,
-    make_checkpoint_io,
-    prepare_run,
-    stage_metadata,
-)
+from ldae.training.common import make_checkpoint_io, prepare_run
 
 
 def test_prepare_run_saves_config_and_guards_existing_runs(tmp_path: Path):

@@ -24,9 +24,9 @@ import torch
 
 from ldae.data.transforms import ModelReadyInput
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
+from ldae.diffusion.interpolation import slerp
 from ldae.diffusion.pdae import guided_eps_fn
 from ldae.errors import CheckpointError, LDAEError
-from ldae.evaluation.longitudinal import slerp
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -57,13 +57,13 @@ class LDAE(ModelReadyInput):
         """Load a full run folder (``RUN/{autoencoder,diffusion,representation}``) or a representation
         checkpoint; the diffusion and autoencoder checkpoints are found through the ones they name."""
         from ldae.runs import find_checkpoint
-        from ldae.stages.autoencoder import load_autoencoder
-        from ldae.stages.latent_diffusion import load_latent_diffusion
-        from ldae.stages.representation import YSEM_STATS, load_representation
+        from ldae.training.autoencoder import load_autoencoder
+        from ldae.training.latent_diffusion import load_latent_diffusion
+        from ldae.training.representation import YSEM_STATS, load_representation
 
         rep_ckpt = find_checkpoint(run, "representation")
         encoder, shift = load_representation(rep_ckpt, device)
-        from ldae.stages.common import load_checkpoint
+        from ldae.checkpoints import load_checkpoint
 
         meta = load_checkpoint(rep_ckpt, stage="representation")["ldae"]
         ldm_ckpt = _existing(meta.get("diffusion_checkpoint"), run, "diffusion")
@@ -215,7 +215,7 @@ class LDAE(ModelReadyInput):
 def _check_same_diffusion(meta: dict, ldm: Any, rep_ckpt: Path, ldm_ckpt: Path) -> None:
     """CheckpointError unless the representation stage is loaded on the diffusion model it was trained on
     (same UNet configuration and, when recorded, the same weights)."""
-    from ldae.stages.common import weights_fingerprint
+    from ldae.nets.weights import weights_fingerprint
 
     unet_cfg = meta.get("unet_config")
     if unet_cfg is not None and dict(unet_cfg) != dict(ldm.unet.config):

@@ -30,19 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldae.checkpoints import load_checkpoint, stage_metadata
 from ldae.config import get_dotted
 from ldae.data.transforms import ModelReadyInput
 from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.semantic_encoder import SemanticEncoder, build_semantic_encoder
-from ldae.stages.common import (
-    load_checkpoint,
-    load_state_dict_strict,
-    prepare_run,
-    require_sections,
-    stage_metadata,
-    train,
-)
-from ldae.stages.ema import adam_from_config, freeze
+from ldae.nets.weights import load_state_dict_strict
+from ldae.training.common import prepare_run, require_sections, train
+from ldae.training.ema import adam_from_config, freeze
 
 Tensor = torch.Tensor
 STAGE = "supervised"
@@ -203,7 +198,7 @@ def age_statistics(ages: Any) -> tuple[float, float]:
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train the supervised encoder; return ``out/checkpoints/best.ckpt`` (lowest ``val/loss``)."""
     from ldae.baselines.voxel_dae import make_datamodule
-    from ldae.stages.common import resolve_precision
+    from ldae.training.common import resolve_precision
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)

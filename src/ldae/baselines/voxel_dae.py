@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldae.checkpoints import load_checkpoint, stage_metadata
 from ldae.config import get_dotted
 from ldae.data.transforms import ModelReadyInput
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
@@ -53,16 +54,14 @@ from ldae.nets.unet import (
     check_config,
     count_parameters,
 )
-from ldae.stages.common import (
+from ldae.nets.weights import load_state_dict_strict
+from ldae.training.common import (
     check_ema_decay,
-    load_checkpoint,
-    load_state_dict_strict,
     prepare_run,
     require_sections,
-    stage_metadata,
     train,
 )
-from ldae.stages.ema import EMA, EMAStepMixin, adam_from_config, freeze
+from ldae.training.ema import EMA, EMAStepMixin, adam_from_config, freeze
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +227,7 @@ class VoxelDAEModule(EMAStepMixin, pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        from ldae.evaluation.metrics import ssim3d
+        from ldae.metrics import ssim3d
 
         x = batch["image"].float()
         net = self.ema.module
@@ -286,7 +285,7 @@ def _validate(cfg: dict) -> None:
 def make_datamodule(cfg: dict) -> Any:
     """The image data module of a baseline config's ``data`` section (raw cohort CSV)."""
     from ldae.data.datamodule import VolumeDataModule
-    from ldae.stages.common import make_datamodule as _make
+    from ldae.training.common import make_datamodule as _make
 
     data = cfg["data"]
     return _make(VolumeDataModule, cfg, spacing=data["spacing"], shape=data["shape"],
@@ -295,7 +294,7 @@ def make_datamodule(cfg: dict) -> Any:
 
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train the voxel DAE; return ``out/checkpoints/best.ckpt`` (highest ``val/ssim_encoded``)."""
-    from ldae.stages.common import resolve_precision
+    from ldae.training.common import resolve_precision
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)

@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldae.bench import bench_config, options_from_config, print_table, run_bench
     from ldae.io import write_json
+    from ldae.jobs.bench import bench_config, options_from_config, print_table, run_bench
 
     cfg = bench_config()
     skip = [s.strip() for s in args.skip.split(",") if s.strip()]

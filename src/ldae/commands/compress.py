@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ldae.distributed import is_main_process
+    from ldae.jobs.compress import compress, read_latent_meta
     from ldae.runs import find_checkpoint
-    from ldae.stages.compress import compress, read_latent_meta
 
     ckpt = find_checkpoint(args.autoencoder, "autoencoder")
     out_csv = compress(ckpt, args.csv, out_dir=args.out, batch_size=args.batch_size, device=args.device,

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ldae.demo import run_demo
+    from ldae.jobs.demo import run_demo
 
     report = run_demo(args.out, seed=args.seed, subjects=args.subjects, overrides=list(args.overrides))
     metrics = json.loads((report.parent / "metrics.json").read_text())

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ldae.config import load_preset
-    from ldae.evaluation.run import evaluate
+    from ldae.evaluation.evaluate import evaluate
     from ldae.runs import COMPRESSED_CSV, stage_dir
 
     run_dir = Path(args.model)

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="YAML config file (may _inherit a packaged preset)")
     src.add_argument("--preset", choices=["paper", "small", "tiny"], help="packaged preset")
-    from ldae.stages import STAGE_MODULES
+    from ldae.training import STAGE_MODULES
 
     p.add_argument("--stage", choices=list(STAGE_MODULES), help="stage (required with --preset)")
     p.add_argument("--out", help="run folder (overrides the config's 'out')")
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ldae.config import apply_overrides, dump_config, load_config, load_preset
     from ldae.errors import ConfigError
-    from ldae.stages import fit
+    from ldae.training import fit
 
     if args.preset:
         if not args.stage:

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from ldae.errors import ConfigError
     from ldae.io import write_nifti
     from ldae.runs import find_checkpoint
-    from ldae.stages.autoencoder import load_autoencoder
-    from ldae.stages.latent_diffusion import load_latent_diffusion, volume_affine
+    from ldae.training.autoencoder import load_autoencoder
+    from ldae.training.latent_diffusion import load_latent_diffusion, volume_affine
     from ldae.viz import save_mosaic
 
     if args.n < 1:

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ldae.io import write_json
-    from ldae.pipeline import DEFAULT_STEPS, run_pipeline
+    from ldae.jobs.pipeline import DEFAULT_STEPS, run_pipeline
 
     timings = run_pipeline(args.preset, args.csv, args.out, overrides=args.overrides,
                            steps=args.steps or DEFAULT_STEPS)

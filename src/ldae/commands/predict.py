@@ -8,7 +8,7 @@ HELP = "P(AD) and estimated age per scan (needs the probes saved by `ldae evalua
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ldae.predict import DEFAULT_FOV_TOLERANCE
+    from ldae.jobs.predict import DEFAULT_FOV_TOLERANCE
 
     p.add_argument("--model", required=True, help="LDAE run folder (its evaluation/probes.json is used)")
     p.add_argument("scans", nargs="+", help="model-ready NIfTI scan(s), or raw T1s with --preprocess")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ldae.distributed import resolve_device
     from ldae.io import write_csv
-    from ldae.predict import predict
+    from ldae.jobs.predict import predict
 
     result = predict(args.model, args.scans, probes=args.probes, batch_size=args.batch_size,
                      preprocess=args.preprocess, preprocess_config=args.preprocess_config,

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ldae.config import dump_config
-    from ldae.data import preprocess as pp
     from ldae.errors import ConfigError
+    from ldae.jobs import preprocess as pp
 
     cfg = pp.load_preprocess_config(args.config, args.overrides)
     if args.print_config:

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ldae.evaluation.metrics import ssim3d
+    from ldae.metrics import ssim3d
     from ldae.viz import save_mosaic
 
     model, items, _ = _inference.load(args)

@@ -3,7 +3,11 @@
 Subjects are the ICBM 2009c template (skull-stripped T1, brain mask, CerebrA labels) deformed by a smooth
 random diffeomorphism and head scale, aged and given AD-like atrophy (hippocampal shrinkage, ventricle
 enlargement, brain shrinkage) through atlas-driven boundary-shift flows, then given a subject-specific
-contrast, bias field and noise (see ``synthetic_params``, ``synthetic_anatomy``, ``synthetic_image``).
+grey/white contrast (drawn from real scans' tissue levels), bias field and noise level (see
+``synthetic_params``, ``synthetic_anatomy``, ``synthetic_image``, ``synthetic_contrast``). Every visit is
+a new acquisition (``synthetic_params.Acquisition``): a new noise realisation and noise level, its own
+bias field, a small rigid residual misregistration and a gain and contrast drift, recorded in the
+``acq_*`` columns; the atrophy between visits is the only anatomical change.
 Ground-truth volumes are measured from the warped labels on a fixed 1.5 mm grid, whatever the output grid.
 
 Files: ``DIR/images/sub-XXXX_ses-MYY_T1w.nii.gz`` (float32 in [0, 1], RAS, MNI mm), ``DIR/cohort.csv``
@@ -34,17 +38,22 @@ import pandas as pd
 from ldae.config import apply_overrides, configs_root, deep_merge, dump_config, load_config
 from ldae.data.synthetic_anatomy import random_field
 from ldae.data.synthetic_params import (
+    _STREAM_ACQ_BIAS,
     _STREAM_BIAS,
     _STREAM_NOISE,
     _STREAM_WARP,
+    ACQ_RANGES,
+    Acquisition,
     SubjectParams,
+    _range,
+    draw_acquisition,
     sample_subjects,
     session_state,
     subject_rng,
 )
 from ldae.errors import ConfigError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: per-visit acquisition variation, tissue levels from real scans
 TRUTH_COLUMNS = ("ventricle_volume_ml", "hippocampus_volume_ml", "brain_volume_ml", "atrophy")
 AUC_FEATURES = ("hippocampus_volume_ml", "ventricle_volume_ml", "brain_volume_ml", "age")
 MIN_AUC_GROUP = 5  # fewer AD or CN subjects than this: the AUC is not reported (NaN)
@@ -84,8 +93,15 @@ def _validate(cfg: Mapping[str, Any]) -> None:
     for key in ("grid.spacing", "grid.field_spacing", "grid.truth_spacing", "anatomy.atrophy_grid",
                 "anatomy.flow_step", "anatomy.max_shift", "anatomy.warp.grid", "anatomy.warp.squarings",
                 "anatomy.hippocampus.smooth", "anatomy.ventricles.smooth", "anatomy.brain.smooth",
-                "intensity.normalize_percentile", "intensity.bias_smooth"):
+                "intensity.normalize_percentile", "intensity.bias_smooth", "acquisition.bias_smooth"):
         positive(key)
+    acq = cfg["acquisition"]
+    ranges = {key: _range(acq, key, "acquisition") for key in ACQ_RANGES}
+    for key in ("noise_factor", "gain", "contrast"):
+        if not ranges[key][0] > 0:
+            raise ConfigError(f"synth config: acquisition.{key} must be positive (got {acq[key]!r})")
+    if ranges["bias_amplitude"][0] < 0:
+        raise ConfigError(f"synth config: acquisition.bias_amplitude must be >= 0 (got {acq['bias_amplitude']!r})")
     shape = cfg["grid"]["shape"]
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(s, int) and s >= 8
                                                                          for s in shape)):
@@ -189,13 +205,14 @@ def generate_subject(job: Job) -> tuple[list[dict], float, int, int]:
     fields = atrophy_fields(template, cfg)
     t0 = time.perf_counter()
     states = [session_state(p, m, cfg) for m in job.months]
+    acquisitions = [draw_acquisition(p, m, cfg) for m in job.months]
     amplitudes = [fields.amplitudes_for(s.log_ratio) for s in states]
     reach = max(sum(abs(a) for a in amp.values()) for amp in amplitudes)
     anatomy = SubjectAnatomy(template, fields, cfg, p.head_scale, subject_rng(p.seed, p.index, _STREAM_WARP), reach)
     out_grid = Grid.centred(template.centre, job.shape, job.spacing) if job.out else None
     log_bias: np.ndarray | None = None
     rows, written, skipped = [], 0, 0
-    for state, amp in zip(states, amplitudes):
+    for state, amp, acq in zip(states, amplitudes, acquisitions):
         session = anatomy.session(amp, where=f"{p.subject} month {state.months}")
         path = Path(job.out, "images", image_name(p.subject, state.months)) if job.out else None
         if path is not None and out_grid is not None:
@@ -208,30 +225,37 @@ def generate_subject(job: Job) -> tuple[list[dict], float, int, int]:
                     bias_rng = subject_rng(p.seed, p.index, _STREAM_BIAS)
                     unit = random_field(bias_rng, anatomy.warp_grid, float(intensity["bias_smooth"]), 1)[0]
                     log_bias = unit * np.float32(float(intensity["bias_amplitude"]))
-                volume = _render(anatomy, session, out_grid, log_bias, p, state.months, cfg)
+                visit_rng = subject_rng(p.seed, p.index, _STREAM_ACQ_BIAS, state.months)
+                smooth = float(cfg["acquisition"]["bias_smooth"])
+                visit_bias = random_field(visit_rng, anatomy.warp_grid, smooth, 1)[0] * np.float32(acq.bias_amp)
+                volume = _render(anatomy, session, out_grid, log_bias + visit_bias, p, acq, state.months, cfg)
                 _write_image(path, volume, out_grid.affine, tag)
                 written += 1
-        rows.append(_row(p, state, session, anatomy, path))
+        rows.append(_row(p, state, session, anatomy, path, acq))
     return rows, time.perf_counter() - t0, written, skipped
 
 
-def _render(anatomy: Any, session: Any, out_grid: Any, log_bias: np.ndarray, p: SubjectParams, months: int,
-            cfg: Mapping[str, Any]) -> np.ndarray:
-    """The visit's image: warped template T1 through the subject's intensity model, zero outside the brain."""
+def _render(anatomy: Any, session: Any, out_grid: Any, log_bias: np.ndarray, p: SubjectParams,
+            acq: Acquisition, months: int, cfg: Mapping[str, Any]) -> np.ndarray:
+    """The visit's image: warped template T1 seen through the visit's rigid residual misregistration and
+    the subject's and visit's intensity model, zero outside the brain. The bias field is sampled in the
+    scanner frame (unmoved output points): it does not move with the head."""
     from ldae.data.synthetic_anatomy import sample, template_intensity
     from ldae.data.synthetic_image import render_intensity
 
     t = anatomy.template
-    idx, pts, psi, mask = anatomy.output_samples(session, out_grid, float(cfg["intensity"]["mask_threshold"]))
+    motion = acq.rigid(t.centre)
+    idx, pts, psi, mask = anatomy.output_samples(session, out_grid, float(cfg["intensity"]["mask_threshold"]),
+                                                 motion)
     t1 = sample(template_intensity(t, out_grid.spacing), t.grid, psi)
     bias = sample(log_bias, anatomy.warp_grid, pts, mode="nearest")
     noise_rng = subject_rng(p.seed, p.index, _STREAM_NOISE, months)
     volume = np.zeros(out_grid.shape, np.float32)
-    volume[idx] = render_intensity(t1, mask, bias, p, cfg["intensity"], noise_rng)
+    volume[idx] = render_intensity(t1, mask, bias, p, acq, cfg["intensity"], noise_rng)
     return volume
 
 
-def _row(p: SubjectParams, state: Any, session: Any, anatomy: Any, path: Path | None) -> dict:
+def _row(p: SubjectParams, state: Any, session: Any, anatomy: Any, path: Path | None, acq: Acquisition) -> dict:
     row = {
         "subject": p.subject,
         "session": state.months,
@@ -246,6 +270,7 @@ def _row(p: SubjectParams, state: Any, session: Any, anatomy: Any, path: Path | 
     row.update(p.as_columns())
     row["warp_scale"] = anatomy.warp_scale
     row["min_jacobian"] = round(session.min_jacobian, 4)
+    row.update(acq.as_columns())
     return row
 
 

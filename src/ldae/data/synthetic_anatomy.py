@@ -469,13 +469,24 @@ class SubjectAnatomy:
         return Session(psi, det, volumes, band_psi, band_mask)
 
     def output_samples(
-        self, session: Session, out: Grid, threshold: float
+        self, session: Session, out: Grid, threshold: float,
+        motion: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[tuple[np.ndarray, ...], np.ndarray, np.ndarray, np.ndarray]:
         """Voxels of ``out`` whose warped brain-mask fraction is >= ``threshold``: their indices,
-        subject-space points, ``psi`` and mask fraction (reusing the truth-grid samples when ``out``
-        shares the truth grid's points, as the default output grid does)."""
+        output-grid points (mm), ``psi`` and mask fraction (reusing the truth-grid samples when ``out``
+        shares the truth grid's points, as the default output grid does, and there is no motion).
+
+        ``motion = (R, b)``: the scan shows the subject rigidly moved, output point ``x`` sees the subject
+        at ``R x + b`` (residual misregistration); the returned points stay the output grid's (scanner
+        frame). Only voxels near the session's brain are sampled: the warped mask fraction on the field
+        grid, ``> 0`` dilated (candidates) and ``>= 0.999`` eroded (sure brain, not sampled) by two field
+        cells plus the motion's largest displacement over the grid (a rigid map's displacement is
+        convex: its largest value is at a corner). ``psi`` is smooth on the scale of a cell, so this
+        misses nothing but brain-mask specks smaller than a cell.
+        """
         offset = (np.asarray(out.origin) - np.asarray(self.truth.origin)) / self.truth.spacing
-        if np.isclose(out.spacing, self.truth.spacing) and np.allclose(offset, np.rint(offset), atol=1e-4):
+        shared = np.isclose(out.spacing, self.truth.spacing) and np.allclose(offset, np.rint(offset), atol=1e-4)
+        if shared and motion is None:
             keep = session.band_mask >= threshold
             index = np.concatenate([self.core_index, self.band_index[:, keep]], axis=1)
             pts = self._truth_points(index)
@@ -485,10 +496,25 @@ class SubjectAnatomy:
             idx = index - np.rint(offset).astype(int)[:, None]
             ok = np.all((idx >= 0) & (idx < np.asarray(out.shape)[:, None]), axis=0)
             return tuple(idx[:, ok]), pts[:, ok], psi[:, ok], mask[ok]
-        sel = select(self.field_grid, self.brain_keep, out)
+        fg = self.field_grid
+        r = b = None
+        n = 2
+        if motion is not None:
+            r, b = (np.asarray(m, np.float64) for m in motion)
+            lo, hi = np.asarray(out.origin), np.asarray(out.origin) + out.spacing * (np.asarray(out.shape) - 1)
+            corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1)
+            reach = float(np.sqrt((((r - np.eye(3)) @ corners + b[:, None]) ** 2).sum(0)).max())
+            n += int(np.ceil(reach / fg.spacing))
+        mask_fg = sample(self.template.mask, self.template.grid, session.psi)
+        keep_fg = ndimage.binary_dilation(mask_fg > 0, iterations=n)
+        core_fg = ndimage.binary_erosion(mask_fg >= 0.999, iterations=n)
+        sel = select(fg, keep_fg, out)
+        inner = select(fg, core_fg, out)[sel]
         pts = _points_of(sel, out)
-        psi = sample_field(session.psi, self.field_grid, pts)
-        mask = sample(self.template.mask, self.template.grid, psi)
+        seen = pts if r is None else (r.astype(np.float32) @ pts + b.astype(np.float32)[:, None])
+        psi = sample_field(session.psi, fg, seen)
+        mask = np.ones(pts.shape[1], np.float32)  # sure brain: mask fraction >= 0.999 (the fast path's 1)
+        mask[~inner] = sample(self.template.mask, self.template.grid, psi[:, ~inner])
         keep = mask >= threshold
         idx = np.stack(np.nonzero(sel))[:, keep]
         return tuple(idx), pts[:, keep], psi[:, keep], mask[keep]

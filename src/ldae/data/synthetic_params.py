@@ -25,6 +25,7 @@ STRUCTURES = ("hippocampus", "ventricles", "brain")
 _KEY_COHORT = 0
 _KEY_SUBJECT = 1
 _STREAM_PARAMS, _STREAM_WARP, _STREAM_BIAS, _STREAM_NOISE = 0, 1, 2, 3
+_STREAM_ACQ, _STREAM_ACQ_BIAS = 4, 5  # per visit (+ session month): acquisition scalars, the visit's bias field
 
 
 def rng_for(seed: int, *key: int) -> np.random.Generator:
@@ -55,6 +56,8 @@ class SubjectParams:
     gamma: float
     intensity_scale: float
     noise_level: float
+    gm_level: float                # grey matter intensity relative to white matter (before gamma)
+    csf_level: float               # CSF intensity relative to white matter
     visits: tuple[int, ...] = field(default_factory=tuple)
 
     def as_columns(self) -> dict[str, Any]:
@@ -131,6 +134,7 @@ def sample_subjects(n_subjects: int, seed: int, cfg: Mapping[str, Any]) -> list[
         )
     hs_lo, hs_hi = (float(v) for v in anatomy["head_scale_range"])
     n_lo, n_hi = (float(v) for v in intensity["noise_level"])
+    tissue = intensity["tissue"]
 
     subjects = []
     for i, g in enumerate(groups):
@@ -148,13 +152,14 @@ def sample_subjects(n_subjects: int, seed: int, cfg: Mapping[str, Any]) -> list[
         scale = math.exp(float(rng.normal(0.0, float(intensity["scale_sd"]))))
         noise = float(rng.uniform(n_lo, n_hi))
         n_visits = int(rng.integers(v_lo, v_hi + 1))
+        gm, csf = tissue_levels(rng, tissue)
         r = _round  # the CSV stores these values; rounding here makes a CSV row reproduce the subject exactly
         subjects.append(
             SubjectParams(
                 subject=f"sub-{i:04d}", index=i, seed=int(seed), group=str(g), converter=converter,
                 age_baseline=r(age), severity_baseline=r(severity) if g != "CN" else 0.0,
                 severity_rate=r(rate), hippocampus_size=r(hip), ventricle_size=r(vent), head_scale=r(head),
-                gamma=r(gamma), intensity_scale=r(scale), noise_level=r(noise),
+                gamma=r(gamma), intensity_scale=r(scale), noise_level=r(noise), gm_level=r(gm), csf_level=r(csf),
                 visits=tuple(months[:n_visits]),
             )
         )
@@ -195,5 +200,111 @@ def subject_from_row(row: Mapping[str, Any], visits: tuple[int, ...] = ()) -> Su
         severity_rate=float(row["severity_rate"]), hippocampus_size=float(row["hippocampus_size"]),
         ventricle_size=float(row["ventricle_size"]), head_scale=float(row["head_scale"]),
         gamma=float(row["gamma"]), intensity_scale=float(row["intensity_scale"]),
-        noise_level=float(row["noise_level"]), visits=tuple(int(v) for v in visits),
+        noise_level=float(row["noise_level"]), gm_level=float(row["gm_level"]), csf_level=float(row["csf_level"]),
+        visits=tuple(int(v) for v in visits),
     )
+
+
+# ------------------------------------------------------------------------------- contrast and acquisition
+def _range(cfg: Mapping[str, Any], key: str, where: str) -> tuple[float, float]:
+    """A ``[lo, hi]`` pair of numbers with ``lo <= hi`` (ConfigError naming ``where.key`` otherwise)."""
+    value = cfg.get(key)
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok or float(value[0]) > float(value[1]):
+        raise ConfigError(f"synth config: {where}.{key} must be [low, high] with low <= high (got {value!r})")
+    return float(value[0]), float(value[1])
+
+
+def tissue_levels(rng: np.random.Generator, tissue: Mapping[str, Any]) -> tuple[float, float]:
+    """A subject's grey matter and CSF intensity relative to white matter.
+
+    The levels of the real sources in ``tissue.sources`` (measured on each, see ``synthetic_contrast``) are
+    mixed with Dirichlet(1) weights, then the white-to-grey and white-to-CSF gaps are multiplied by a
+    contrast factor ``c ~ U(tissue.contrast)``: ``level = 1 - c * (1 - sum_k w_k level_k)``. Averages of
+    many scans (the sources here) blur grey into white matter and so show less contrast than one scan,
+    hence ``c`` may exceed 1.
+    """
+    sources = tissue.get("sources")
+    if not isinstance(sources, Mapping) or not sources:
+        raise ConfigError("synth config: intensity.tissue.sources must map source names to {csf, gm} levels")
+    levels = []
+    for name, lv in sources.items():
+        try:
+            csf, gm = float(lv["csf"]), float(lv["gm"])
+        except (TypeError, KeyError, ValueError):
+            raise ConfigError(f"synth config: intensity.tissue.sources.{name} needs numbers csf and gm") from None
+        if not 0.0 < csf < gm < 1.0:
+            raise ConfigError(f"synth config: intensity.tissue.sources.{name}: need 0 < csf < gm < 1 "
+                              f"(got csf {csf}, gm {gm})")
+        levels.append((gm, csf))
+    lo, hi = _range(tissue, "contrast", "intensity.tissue")
+    if not lo > 0 or not 1.0 - hi * (1.0 - min(lv[1] for lv in levels)) > 0:
+        raise ConfigError(f"synth config: intensity.tissue.contrast {[lo, hi]} must be positive and keep CSF "
+                          "above zero (1 - high * (1 - csf) > 0 for every source)")
+    w = rng.dirichlet(np.ones(len(levels)))
+    c = float(rng.uniform(lo, hi))
+    gm, csf = (float(np.dot(w, [lv[i] for lv in levels])) for i in range(2))
+    return 1.0 - c * (1.0 - gm), 1.0 - c * (1.0 - csf)
+
+
+ACQ_RANGES = ("noise_factor", "bias_amplitude", "rotation_deg", "shift_mm", "gain", "contrast")
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """How one visit was acquired and registered: what differs between repeat scans of the same brain.
+
+    ``noise_sd``: noise std (template white matter = 1; the subject's level times a per-visit factor);
+    ``bias_amp``: std of the log of the visit's own smooth bias field (on top of the subject's);
+    ``rot_deg``/``shift_mm``: residual rigid misregistration after registration to MNI, rotation about
+    the x, y, z axes through the brain centre (applied x first) and translation;
+    ``gain``: white-matter level relative to the percentile normaliser (global intensity drift);
+    ``contrast``: factor on the subject's white-to-grey and white-to-CSF gaps (contrast drift).
+    """
+
+    noise_sd: float
+    bias_amp: float
+    rot_deg: tuple[float, float, float]
+    shift_mm: tuple[float, float, float]
+    gain: float
+    contrast: float
+
+    def as_columns(self) -> dict[str, float]:
+        """The ``acq_*`` ground-truth columns of the cohort CSV."""
+        out = {"acq_noise_sd": self.noise_sd, "acq_bias_amp": self.bias_amp}
+        out.update({f"acq_rot_deg_{a}": v for a, v in zip("xyz", self.rot_deg)})
+        out.update({f"acq_shift_mm_{a}": v for a, v in zip("xyz", self.shift_mm)})
+        out.update({"acq_gain": self.gain, "acq_contrast": self.contrast})
+        return out
+
+    def rotation(self) -> np.ndarray:
+        """``R = Rz Ry Rx`` (3x3) of the rotation angles."""
+        ax, ay, az = (math.radians(a) for a in self.rot_deg)
+        rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+        ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+        rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+        return rz @ ry @ rx
+
+    def rigid(self, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(R, b)`` with ``x -> R x + b = c + R (x - c) + shift``: where an output point finds the subject."""
+        r = self.rotation()
+        c = np.asarray(centre, float)
+        return r, c - r @ c + np.asarray(self.shift_mm, float)
+
+
+def draw_acquisition(p: SubjectParams, months: int, cfg: Mapping[str, Any]) -> Acquisition:
+    """The acquisition of subject ``p``'s visit at ``months``: each value uniform in its configured
+    ``acquisition`` range, from the visit's own stream (seeded by cohort seed, subject and month)."""
+    acq = cfg["acquisition"]
+    ranges = {k: _range(acq, k, "acquisition") for k in ACQ_RANGES}
+    rng = subject_rng(p.seed, p.index, _STREAM_ACQ, months)
+    r = _round
+
+    def draw(key: str, n: int | None = None) -> Any:
+        lo, hi = ranges[key]
+        return tuple(r(v) for v in rng.uniform(lo, hi, n)) if n else r(rng.uniform(lo, hi))
+
+    noise = r(p.noise_level * draw("noise_factor"))
+    return Acquisition(noise_sd=noise, bias_amp=draw("bias_amplitude"), rot_deg=draw("rotation_deg", 3),
+                       shift_mm=draw("shift_mm", 3), gain=draw("gain"), contrast=draw("contrast"))

@@ -10,7 +10,7 @@ summarised overall and stratified by
 * relative position of the target: ``early`` (t <= 1/3), ``middle`` (1/3 < t < 2/3), ``late`` (t >= 2/3).
 
 :func:`nearest_visit_baseline` is the trivial baseline (copy the closer endpoint; ties go to the earlier
-visit); :func:`lerp` and :func:`slerp` interpolate latents or embeddings batch-wise.
+visit); interpolation itself (:func:`ldae.diffusion.interpolation.lerp`/``slerp``) lives with the diffusion maths.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ldae.diffusion.interpolation import check_same_shape, to_torch
 from ldae.errors import CohortError, LDAEError
 
 TRIPLET_COLUMNS = (
@@ -92,74 +93,6 @@ def enumerate_triplets(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(TRIPLET_COLUMNS))
 
 
-# --------------------------------------------------------------------------------------- interpolation
-def _to_torch(x: Any) -> tuple[torch.Tensor, bool]:
-    if isinstance(x, torch.Tensor):
-        return x, False
-    return torch.as_tensor(np.asarray(x)), True
-
-
-def _t_like(t: Any, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` as a tensor broadcastable against ``ref`` (scalar, or one value per row of a batch)."""
-    tt = torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
-    if tt.ndim == 0:
-        return tt
-    if tt.ndim != 1 or ref.ndim < 2 or tt.shape[0] != ref.shape[0]:
-        raise LDAEError(
-            f"interpolation: t has shape {tuple(tt.shape)}, expected a scalar or ({ref.shape[0]},)"
-        )
-    return tt.reshape(-1, *([1] * (ref.ndim - 1)))
-
-
-def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.shape != b.shape:
-        raise LDAEError(f"interpolation: endpoints differ in shape, {tuple(a.shape)} vs {tuple(b.shape)}")
-
-
-def lerp(a: Any, b: Any, t: Any) -> Any:
-    """``(1 - t) a + t b``; ``t`` scalar or one value per batch row; numpy in -> numpy out."""
-    ta, was_np = _to_torch(a)
-    tb, _ = _to_torch(b)
-    _check_pair(ta, tb)
-    tt = _t_like(t, ta)
-    out = torch.where(tt == 0, ta, torch.where(tt == 1, tb, (1 - tt) * ta + tt * tb))
-    return out.numpy() if was_np else out
-
-
-def slerp(a: Any, b: Any, t: Any, eps: float = 1e-6) -> Any:
-    """Spherical interpolation, batch-correct: the angle is computed per sample.
-
-    ``a``/``b`` are a single vector (1-D) or a batch (B, ...) whose non-batch axes are flattened for the
-    angle; ``t`` is a scalar or (B,). ``slerp = sin((1-t)θ)/sinθ · a + sin(tθ)/sinθ · b``, so vectors of
-    equal norm stay on their sphere. Where ``sin θ < eps`` (near-parallel or anti-parallel vectors) it
-    falls back to :func:`lerp`; ``t = 0`` and ``t = 1`` return the endpoints exactly. numpy in -> numpy out.
-    """
-    ta, was_np = _to_torch(a)
-    tb, _ = _to_torch(b)
-    _check_pair(ta, tb)
-    if not ta.is_floating_point():
-        ta, tb = ta.double(), tb.double()
-    single = ta.ndim == 1
-    A = ta.reshape(1, -1) if single else ta.reshape(ta.shape[0], -1)
-    B = tb.reshape(A.shape)
-    tt = torch.as_tensor(t, dtype=A.dtype, device=A.device)
-    if tt.ndim > 1 or (tt.ndim == 1 and tt.shape[0] != A.shape[0]):
-        raise LDAEError(f"slerp: t has shape {tuple(tt.shape)}, expected a scalar or ({A.shape[0]},)")
-    tt = tt.reshape(-1, 1).expand(A.shape[0], 1)
-    na, nb = A.norm(dim=1, keepdim=True), B.norm(dim=1, keepdim=True)
-    cos = ((A * B).sum(dim=1, keepdim=True) / (na * nb).clamp_min(torch.finfo(A.dtype).tiny)).clamp(-1, 1)
-    theta = torch.arccos(cos)
-    sin = torch.sin(theta)
-    safe = sin >= eps
-    sin_safe = torch.where(safe, sin, torch.ones_like(sin))
-    sph = (torch.sin((1 - tt) * theta) / sin_safe) * A + (torch.sin(tt * theta) / sin_safe) * B
-    lin = (1 - tt) * A + tt * B
-    out = torch.where(safe, sph, lin)
-    out = torch.where(tt == 0, A, torch.where(tt == 1, B, out))
-    out = out.reshape(ta.shape)
-    return out.numpy() if was_np else out
-
-
 def nearest_visit_is_start(t: Any) -> np.ndarray:
     """True where the start visit is the nearest to the target (``t <= 0.5``: ties go to the earlier visit)."""
     return np.asarray(t, dtype=np.float64) <= 0.5
@@ -174,9 +107,9 @@ def nearest_visit_baseline(start: Any, end: Any, t: Any) -> Any:
     is_start = nearest_visit_is_start(t)
     if is_start.ndim == 0:
         return start if bool(is_start) else end
-    ts, was_np = _to_torch(start)
-    te, _ = _to_torch(end)
-    _check_pair(ts, te)
+    ts, was_np = to_torch(start)
+    te, _ = to_torch(end)
+    check_same_shape(ts, te)
     if ts.ndim < 1 or ts.shape[0] != is_start.shape[0]:
         raise LDAEError(f"nearest visit: {is_start.shape[0]} t values for a batch of shape {tuple(ts.shape)}")
     mask = torch.as_tensor(is_start, device=ts.device).reshape(-1, *([1] * (ts.ndim - 1)))

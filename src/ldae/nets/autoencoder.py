@@ -154,7 +154,7 @@ def load_autoencoder_weights(net: AutoencoderKL, path: str | os.PathLike) -> Non
     state dict, which is converted with MONAI's ``AutoencoderKL.load_old_state_dict``. Any remaining
     mismatch raises CheckpointError listing the missing/unexpected keys and shape mismatches.
     """
-    from ldae.stages.common import load_state_dict_strict
+    from ldae.nets.weights import load_state_dict_strict
 
     path = Path(path)
     source = f"config key 'model.init_weights' ({path})"

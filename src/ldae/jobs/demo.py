@@ -61,7 +61,7 @@ def run_demo(out: str | Path, seed: int | None = None, subjects: int | None = No
     """Synthesize the cohort, run the tiny pipeline and write ``out/report.html`` + ``out/metrics.json``."""
     from ldae.data.cohort import read_cohort, summarize
     from ldae.data.synthetic import load_synth_config, synthesize
-    from ldae.pipeline import run_pipeline
+    from ldae.jobs.pipeline import run_pipeline
     from ldae.report import load_metrics, write_report
 
     cfg = load_config(configs_root() / "demo.yaml")

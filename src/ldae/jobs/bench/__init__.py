@@ -326,7 +326,7 @@ def _diffs(out: Tensor, ref: Tensor) -> dict[str, float]:
 def build_unet(cfgs: PresetConfigs, device: torch.device, seed: int) -> nn.Module:
     """The preset's latent UNet (random, dense, frozen) on ``device``."""
     from ldae.nets.unet import LatentUNet
-    from ldae.stages.ema import freeze
+    from ldae.training.ema import freeze
 
     torch.manual_seed(seed)
     return freeze(densify(LatentUNet.from_config(cfgs["diffusion"]["model"])).to(device))
@@ -338,7 +338,7 @@ def build_ldae(cfgs: PresetConfigs, device: torch.device, seed: int, unet: nn.Mo
     from ldae.model import LDAE
     from ldae.nets.autoencoder import build_autoencoder
     from ldae.nets.semantic_encoder import build_semantic_encoder
-    from ldae.stages.ema import freeze
+    from ldae.training.ema import freeze
 
     unet = unet if unet is not None else build_unet(cfgs, device, seed)
     torch.manual_seed(seed + 1)
@@ -588,7 +588,7 @@ def bench_compile(opts: BenchOptions, device: torch.device) -> dict:
                              "repeats": opts.repeats, "warmup": opts.warmup, "seed": opts.seed})
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"),
                    TORCHINDUCTOR_COMPILE_THREADS="1")
-        proc = subprocess.Popen([sys.executable, "-m", "ldae.bench", "--compile-worker", str(request), str(result)],
+        proc = subprocess.Popen([sys.executable, "-m", "ldae.jobs.bench", "--compile-worker", str(request), str(result)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
         try:
@@ -897,8 +897,8 @@ def print_table(res: dict, console: Any = None) -> None:
         console.print(f"[dim]note: {note}[/dim]")
 
 
-if __name__ == "__main__":  # the torch.compile worker: python -m ldae.bench --compile-worker REQUEST RESULT
+if __name__ == "__main__":  # the torch.compile worker: python -m ldae.jobs.bench --compile-worker REQUEST RESULT
     if len(sys.argv) == 4 and sys.argv[1] == "--compile-worker":
         _compile_worker(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python -m ldae.bench --compile-worker REQUEST.json RESULT.json")
+        sys.exit("usage: python -m ldae.jobs.bench --compile-worker REQUEST.json RESULT.json")

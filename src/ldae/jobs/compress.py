@@ -122,7 +122,7 @@ def compress(
     from ldae.data.datamodule import VolumeDataset
     from ldae.distributed import launch
     from ldae.nets.autoencoder import latent_shape
-    from ldae.stages.autoencoder import load_autoencoder
+    from ldae.training.autoencoder import load_autoencoder
 
     ckpt = Path(autoencoder_ckpt).resolve()
     workers = launch(device, devices, num_nodes)

@@ -87,7 +87,7 @@ def embed(fn: Callable[[torch.Tensor], torch.Tensor], scans: ScanCache, rows: li
 
 
 def _scores(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, np.ndarray]:
-    from ldae.evaluation.metrics import reconstruction_metrics
+    from ldae.metrics import reconstruction_metrics
 
     return {k: v.detach().cpu().numpy() for k, v in reconstruction_metrics(pred.float(), ref.float()).items()}
 
@@ -205,11 +205,10 @@ def other_subject_rows(rows: list[int], subject: pd.Series) -> dict[int, int] | 
 def interpolation_section(model: Any, scans: ScanCache, df: pd.DataFrame, steps: int,
                           max_triplets: int | None) -> tuple[dict, pd.DataFrame]:
     """Missing-timepoint prediction on test subjects with >= 3 sessions."""
+    from ldae.diffusion.interpolation import lerp, slerp
     from ldae.evaluation.longitudinal import (
         enumerate_triplets,
-        lerp,
         nearest_visit_baseline,
-        slerp,
         summarize_triplet_scores,
     )
 
@@ -363,6 +362,7 @@ def _lpips(rcfg: dict, device: str) -> tuple[Callable, str]:
 def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None = None,
              overrides: list | tuple = ()) -> Path:
     """Run the whole suite; return the path of ``out/metrics.json``."""
+    from ldae.checkpoints import load_checkpoint
     from ldae.config import apply_overrides, load_preset, save_config
     from ldae.data.cohort import ensure_split, read_cohort
     from ldae.distributed import resolve_device
@@ -370,7 +370,6 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     from ldae.evaluation.probes import lda_projection, pca_features, save_probes
     from ldae.model import LDAE
     from ldae.nets.semantic_encoder import build_semantic_encoder
-    from ldae.stages.common import load_checkpoint
 
     run, out = Path(run), Path(out)
     if cfg is None:

@@ -26,23 +26,22 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from ldae.checkpoints import load_checkpoint, stage_metadata
 from ldae.config import get_dotted
 from ldae.diffusion.ddim import ddim_sample
 from ldae.diffusion.schedule import NoiseSchedule
 from ldae.errors import CheckpointError, ConfigError
+from ldae.jobs.compress import read_latent_meta
 from ldae.nets.unet import LatentUNet, check_config
-from ldae.stages.common import (
+from ldae.nets.weights import load_state_dict_strict
+from ldae.training.common import (
     check_ema_decay,
-    load_checkpoint,
-    load_state_dict_strict,
     make_datamodule,
     prepare_run,
     require_sections,
-    stage_metadata,
     train,
 )
-from ldae.stages.compress import read_latent_meta
-from ldae.stages.ema import EMA, EMAStepMixin, adam_from_config, freeze
+from ldae.training.ema import EMA, EMAStepMixin, adam_from_config, freeze
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +55,13 @@ SECTIONS = ("data", "model", "diffusion", "ema", "optim", "validation", "trainer
 
 
 def load_autoencoder_or_none(ckpt: str | Path | None, device: torch.device | str) -> tuple[Any, dict] | None:
-    """``ldae.stages.autoencoder.load_autoencoder(ckpt)`` or None (with a logged notice) when the stage-1
+    """``ldae.training.autoencoder.load_autoencoder(ckpt)`` or None (with a logged notice) when the stage-1
     code or checkpoint is unavailable."""
     if not ckpt or not Path(ckpt).is_file():
         log.info("no autoencoder checkpoint (%s): sample figures show latent channels instead", ckpt)
         return None
     try:
-        from ldae.stages.autoencoder import load_autoencoder
+        from ldae.training.autoencoder import load_autoencoder
     except ImportError as exc:
         log.info("autoencoder loader unavailable (%s): sample figures show latent channels instead", exc)
         return None
@@ -188,7 +187,7 @@ def _validate(cfg: dict) -> None:
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train stage 2 from a resolved config; return ``out/checkpoints/best.ckpt`` (lowest ``val/loss``)."""
     from ldae.data.datamodule import LatentDataModule
-    from ldae.stages.common import resolve_precision
+    from ldae.training.common import resolve_precision
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)

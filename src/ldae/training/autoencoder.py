@@ -27,8 +27,9 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL
 
+from ldae.checkpoints import load_checkpoint, stage_metadata
 from ldae.errors import CheckpointError, ConfigError
-from ldae.evaluation.metrics import reconstruction_metrics
+from ldae.metrics import reconstruction_metrics
 from ldae.nets.autoencoder import (
     build_autoencoder,
     build_discriminator,
@@ -38,14 +39,12 @@ from ldae.nets.autoencoder import (
     latent_shape,
 )
 from ldae.nets.perceptual import build_perceptual_loss
-from ldae.stages.common import (
-    load_checkpoint,
-    load_state_dict_strict,
+from ldae.nets.weights import load_state_dict_strict
+from ldae.training.common import (
     make_datamodule,
     prepare_run,
     require_sections,
     resolve_precision,
-    stage_metadata,
     train,
 )
 

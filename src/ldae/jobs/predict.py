@@ -7,10 +7,10 @@ probes (their held-out test metrics travel with the result).
 
 Before any network runs, every scan's NIfTI header is checked (exists, readable, 3D, and a field of
 view close to the model's ``shape × spacing`` in mm): a raw, unregistered T1 usually fails that check,
-and ``preprocess=True`` runs :func:`ldae.data.preprocess.preprocess_scan` on it first (ANTsPy).
+and ``preprocess=True`` runs :func:`ldae.jobs.preprocess.preprocess_scan` on it first (ANTsPy).
 
     from ldae.model import LDAE
-    from ldae.predict import predict
+    from ldae.jobs.predict import predict
 
     result = predict(LDAE.load("runs/demo/run"), ["scan.nii.gz"])
     result.table()            # scan, name, p_ad, label, age
@@ -173,7 +173,7 @@ def check_scan(path: str | Path, spacing: float | Sequence[float] | None = None,
 def preprocess_scans(scans: Sequence[str | Path], workdir: str | Path, config: str | Path | None = None,
                      progress: bool = True) -> list[Path]:
     """Raw T1s -> model-ready NIfTIs in ``workdir`` (the ``ldae preprocess`` pipeline; needs ANTsPy)."""
-    from ldae.data.preprocess import load_preprocess_config, nifti_stem, preprocess_scan, require_ants
+    from ldae.jobs.preprocess import load_preprocess_config, nifti_stem, preprocess_scan, require_ants
 
     try:
         require_ants()
@@ -278,7 +278,7 @@ def predict(
                 age_parts.append(a)
                 y_parts.append(y)
                 advance(len(chunk))
-    from ldae.data.preprocess import nifti_stem
+    from ldae.jobs.preprocess import nifti_stem
 
     ad = probe_obj["ad_vs_cn"]
     classes = list(ad.get("classes", ["CN", "AD"]))

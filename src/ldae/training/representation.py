@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from ldae.checkpoints import load_checkpoint, stage_metadata
 from ldae.config import get_dotted
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
 from ldae.diffusion.pdae import guided_eps_fn, pdae_loss
@@ -30,17 +31,14 @@ from ldae.distributed import is_main_process
 from ldae.errors import CheckpointError, ConfigError
 from ldae.io import write_json
 from ldae.nets.semantic_encoder import build_semantic_encoder
-from ldae.stages.common import (
-    load_checkpoint,
-    load_state_dict_strict,
+from ldae.nets.weights import load_state_dict_strict, weights_fingerprint
+from ldae.training.common import (
     make_datamodule,
     prepare_run,
     require_sections,
-    stage_metadata,
     train,
-    weights_fingerprint,
 )
-from ldae.stages.ema import EMA, EMAStepMixin, adam_from_config, freeze
+from ldae.training.ema import EMA, EMAStepMixin, adam_from_config, freeze
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
 
     def __init__(self, cfg: dict, diffusion_checkpoint: str) -> None:
         super().__init__()
-        from ldae.stages.latent_diffusion import load_latent_diffusion
+        from ldae.training.latent_diffusion import load_latent_diffusion
 
         self.cfg = cfg
         self.diffusion_checkpoint = str(diffusion_checkpoint)
@@ -105,7 +103,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
     # ---------------------------------------------------------------- validation
     def autoencoder(self) -> torch.nn.Module:
         if not self._autoencoder:
-            from ldae.stages.autoencoder import load_autoencoder
+            from ldae.training.autoencoder import load_autoencoder
 
             if not self.autoencoder_checkpoint or not Path(self.autoencoder_checkpoint).is_file():
                 raise CheckpointError(
@@ -120,7 +118,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        from ldae.evaluation.metrics import ssim3d
+        from ldae.metrics import ssim3d
 
         z0 = batch["latent"] * self.scale_factor
         x = batch["image"]
@@ -193,7 +191,7 @@ def _image_geometry(autoencoder_checkpoint: str | None) -> tuple[Any, list[int]]
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train stage 3; return ``out/checkpoints/best.ckpt`` (highest semantic-only validation SSIM)."""
     from ldae.data.datamodule import ImageLatentDataModule
-    from ldae.stages.compress import read_latent_meta
+    from ldae.jobs.compress import read_latent_meta
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)

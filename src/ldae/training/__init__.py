@@ -1,7 +1,7 @@
 """Training stages (LightningModules) and their ``fit(cfg, resume)`` entry points.
 
 Each stage module exposes ``fit(cfg: dict, resume: bool = False) -> pathlib.Path`` returning the best
-checkpoint. The registry is lazy so that importing ``ldae.stages`` stays cheap.
+checkpoint. The registry is lazy so that importing ``ldae.training`` stays cheap.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 from ldae.errors import ConfigError
 
 STAGE_MODULES: dict[str, str] = {
-    "autoencoder": "ldae.stages.autoencoder",
-    "diffusion": "ldae.stages.latent_diffusion",
-    "representation": "ldae.stages.representation",
+    "autoencoder": "ldae.training.autoencoder",
+    "diffusion": "ldae.training.latent_diffusion",
+    "representation": "ldae.training.representation",
     "voxel_dae": "ldae.baselines.voxel_dae",
     "supervised": "ldae.baselines.supervised",
 }

@@ -64,8 +64,8 @@ def run_pipeline(
     on_step: Callable[[str, str], None] | None = None,
 ) -> dict[str, float]:
     """Run (or resume) the pipeline; return seconds spent per step in this call (0 for skipped ones)."""
-    from ldae.stages import fit
-    from ldae.stages.compress import compress
+    from ldae.jobs.compress import compress
+    from ldae.training import fit
 
     out = Path(out)
     csv = Path(csv).resolve()
@@ -109,7 +109,7 @@ def run_pipeline(
             cfg = _stage_cfg(preset, step, out, csv, per_step)
             info["best"] = str(fit(cfg, resume=(folder / "checkpoints" / "last.ckpt").is_file()))
         elif step == "evaluation":
-            from ldae.evaluation.run import evaluate
+            from ldae.evaluation.evaluate import evaluate
 
             cfg = load_preset(preset, "evaluation")
             info["metrics"] = str(evaluate(out, latents_csv, folder, cfg=cfg, overrides=per_step.get("evaluation", [])))

@@ -15,7 +15,6 @@ into the wrong stage fails with a clear message.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,6 @@ from ldae.errors import CheckpointError, ConfigError
 from ldae.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_KEY = "ldae"
-
 
 def run_dir(cfg: dict) -> Path:
     """The run folder named by ``cfg['out']`` (required)."""
@@ -219,67 +215,3 @@ def train(module: Any, datamodule: Any, cfg: dict, out: Path, resume_ckpt: Path 
         raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
                               "(raise trainer.max_epochs or lower trainer.check_val_every_n_epoch)")
     return best
-
-
-def stage_metadata(cfg: dict, stage: str) -> dict:
-    """The block stored under ``checkpoint['ldae']``."""
-    return {"stage": stage, "preset": cfg.get("preset"), "config": cfg}
-
-
-def load_checkpoint(path: str | os.PathLike, stage: str | None = None) -> dict:
-    """Load a checkpoint safely (``weights_only=True``) and check it belongs to ``stage``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling/zip failure is a corrupt checkpoint
-        raise CheckpointError(f"{path}: cannot load checkpoint ({str(exc).splitlines()[0]})") from None
-    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
-    if stage is not None:
-        found = meta.get("stage") if isinstance(meta, dict) else None
-        if found != stage:
-            raise CheckpointError(
-                f"{path}: this is a checkpoint of stage '{found or 'unknown'}', expected stage '{stage}'"
-            )
-    return ckpt
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's state dict (names, shapes, dtypes, bytes): names the exact weights that a
-    later stage was trained on, so that loading it on other weights can be refused."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def load_state_dict_strict(module: torch.nn.Module, state: dict, source: str) -> None:
-    """``module.load_state_dict(state, strict=True)`` with a message listing missing/unexpected keys
-    and shape mismatches."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-
-        def _head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_head(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_head(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): {_head(mismatched)}")
-        raise CheckpointError(f"{source}: weights do not match the model ({'; '.join(parts)})")
-    module.load_state_dict(state, strict=True)

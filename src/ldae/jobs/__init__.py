@@ -1,0 +1,1 @@
+"""Jobs: compress, pipeline, demo, predict, bench, preprocess — orchestrations over the library layers."""
