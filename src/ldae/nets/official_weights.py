@@ -211,23 +211,22 @@ def unet_config(state: Mapping[str, Tensor], source: str = "decoder.pth") -> tup
 
 def build_decoder(state: Mapping[str, Tensor], source: str = "decoder.pth") -> tuple[nn.Module, nn.Module]:
     """``(ADMUNet, ADMShiftDecoder)`` built from the file's shapes and holding its weights (strict, one to
-    one: the two modules' keys together are exactly the file's). On meta tensors: built on meta, not
-    loaded."""
+    one: the two modules' keys together are exactly the file's; the file's tensors are used in place, no
+    copy). Meta tensors in, meta modules out (a layout check)."""
     from ldae.nets.adm_unet import ADMShiftDecoder, ADMUNet
 
     cfg, cond_dim = unet_config(state, source)
-    meta = _is_meta(state)
     try:
-        with _device(meta):
+        with torch.device("meta"):  # no memory, no init: the file's tensors become the parameters
             unet, shift = ADMUNet(cfg), ADMShiftDecoder(cfg, cond_dim)
     except ConfigError as exc:
         raise CheckpointError(f"{source}: the architecture read from its shapes is invalid ({exc})") from None
     expected = {**unet.state_dict(), **shift.state_dict()}
     check_layout(expected, state, source, "the official decoder inferred from its shapes")
-    if not meta:
+    if not _is_meta(state):
         own = set(unet.state_dict())
-        unet.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
-        shift.load_state_dict({k: v for k, v in state.items() if k not in own}, strict=True)
+        unet.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True, assign=True)
+        shift.load_state_dict({k: v for k, v in state.items() if k not in own}, strict=True, assign=True)
     return unet, shift
 
 
@@ -292,8 +291,7 @@ def build_encoder(state: Mapping[str, Tensor], source: str = "encoder.pth") -> n
 
     cfg = encoder_config(state, source)
     weights = encoder_weights(state, source)
-    meta = _is_meta(state)
-    with _device(meta):
+    with torch.device("meta"):  # the file's tensors become the parameters (assign below)
         encoder = build_official_encoder(cfg, load_pretrained=False)
     expected = encoder.state_dict()
     check_layout(expected, weights, source, "the official semantic encoder inferred from its shapes")
@@ -303,8 +301,8 @@ def build_encoder(state: Mapping[str, Tensor], source: str = "encoder.pth") -> n
         missing = next(k for k in twins if ALIAS_PREFIX + k[len("backbone."):] not in state)
         raise CheckpointError(f"{source}: missing key {ALIAS_PREFIX + missing[len('backbone.'):]!r} of the official "
                               "semantic encoder")
-    if not meta:
-        encoder.load_state_dict(weights, strict=True)
+    if not _is_meta(state):
+        encoder.load_state_dict(weights, strict=True, assign=True)
     return encoder
 
 
