@@ -28,16 +28,55 @@ def test_check_ok_json(phantom_cohort: Path, capsys):
     assert main(["check", str(phantom_cohort), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["subjects"] == 6 and summary["scans"] == 12
-    assert summary["volume_shapes"] == [[32, 40, 32]]
+    assert summary["volume_grids"] == {"6x6x6 mm 32x40x32": "rows 2-13"}
     assert sum(summary["split_subjects"].values()) == 6
 
 
 def test_check_write_split(phantom_cohort: Path, capsys):
+    """--write-split writes COHORT.split.csv (or the file named) and never touches the input CSV."""
+    before = phantom_cohort.read_bytes()
     assert "split" not in pd.read_csv(phantom_cohort).columns
     assert main(["check", str(phantom_cohort), "--write-split", "--no-volumes"]) == 0
-    df = pd.read_csv(phantom_cohort)
+    assert phantom_cohort.read_bytes() == before
+    df = pd.read_csv(phantom_cohort.with_name("cohort.split.csv"))
     assert set(df["split"]) <= {"train", "val", "test"}
     assert (df.groupby("subject")["split"].nunique() == 1).all()
+    out = phantom_cohort.parent / "named.csv"
+    assert main(["check", str(phantom_cohort), "--write-split", str(out), "--no-volumes"]) == 0
+    assert pd.read_csv(out)["split"].tolist() == df["split"].tolist()
+    assert main(["check", str(phantom_cohort), "--write-split", str(phantom_cohort), "--no-volumes"]) == 2
+    assert "never rewrites the cohort CSV in place" in capsys.readouterr().err
+    assert phantom_cohort.read_bytes() == before
+
+
+def test_check_write_split_round_trips_cells_verbatim(tmp_path: Path, capsys):
+    """Subject 000, NA / null cells, ses-M06 sessions, a UTF-8 BOM and CRLF line ends survive exactly."""
+    import csv
+    import io
+
+    from ldae.data.phantom import write_phantom_cohort
+
+    src = write_phantom_cohort(tmp_path / "c", n_subjects=3, sessions=(0, 6))
+    ref = pd.read_csv(src)
+    lines = ["subject,session,path,diagnosis,age,notes,site"]
+    for i, r in ref.iterrows():
+        subject = f"{int(r['subject'][4:]):03d}"  # 000, 001, 002
+        notes = ["NA", "null", "", "a, quoted note", "ses-M06", "007"][i % 6]
+        lines.append(",".join([subject, f"ses-M{int(r['session']):02d}", f"images/{Path(r['path']).name}",
+                               r["diagnosis"], f"{r['age']:.2f}", f'"{notes}"' if "," in notes else notes, "0042"]))
+    raw = ("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8")
+    cohort = tmp_path / "c" / "mine.csv"
+    cohort.write_bytes(raw)
+    assert main(["check", str(cohort), "--write-split", "--no-volumes"]) == 0
+    assert cohort.read_bytes() == raw
+    written = (tmp_path / "c" / "mine.split.csv").read_bytes()
+    assert written.startswith(b"\xef\xbb\xbf") and b"\r\n" in written and b"\n" not in written.replace(b"\r\n", b"")
+    before = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
+    after = list(csv.reader(io.StringIO(written.decode("utf-8-sig"), newline="")))
+    assert after[0] == before[0] + ["split"]
+    assert [r[:-1] for r in after[1:]] == before[1:]  # every original cell, as text
+    assert {r[-1] for r in after[1:]} <= {"train", "val", "test"}
+    assert pd.read_csv(tmp_path / "c" / "mine.split.csv", dtype=str, keep_default_na=False)["subject"].iloc[0] == "000"
 
 
 def test_check_missing_column_one_line_exit_2(phantom_cohort: Path, capsys):

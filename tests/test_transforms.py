@@ -15,34 +15,46 @@ def _write(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Pa
     return write_nifti(path, data, np.eye(4) if affine is None else affine)
 
 
-def test_chain_resamples_orients_pads_and_scales(tmp_path: Path):
-    # 20×24×16 at 3 mm, stored LPS-flipped along x: a bright cube in the +x (right) half
-    data = np.zeros((20, 24, 16), np.float32)
-    data[:8, 10:14, 6:10] = 500.0  # voxel i small = RIGHT side because x axis is flipped below
-    data += 100.0
+def test_chain_resamples_by_affine_orients_and_scales(tmp_path: Path):
+    """A 3 mm scan stored LPS (x flipped) with a bright cube on the RIGHT at a known world position lands
+    on the model's grid (6 mm, MNI-centred) at that position; the output affine is the model's grid."""
+    from ldae.data.geometry import model_grid_affine
+
+    target = model_grid_affine(6.0, (12, 12, 12))
     affine = np.diag([-3.0, 3.0, 3.0, 1.0])
-    affine[:3, 3] = [30.0, -36.0, -24.0]
+    affine[:3, 3] = [45.0, -17.0 - 36.0, 5.0 - 36.0]  # x: 45 .. -45 mm (LPS), y, z around the MNI centre
+    data = np.full((31, 25, 25), 100.0, np.float32)
+    cube_world = np.array([24.0, -17.0, 5.0])  # 24 mm to the right of the midline
+    centre_vox = np.linalg.solve(affine[:3, :3], cube_world - affine[:3, 3])
+    lo = np.rint(centre_vox - 3).astype(int)
+    data[lo[0]:lo[0] + 7, lo[1]:lo[1] + 7, lo[2]:lo[2] + 7] = 500.0
     path = _write(tmp_path / "v.nii.gz", data, affine)
     out = load_model_ready(path, spacing=6.0, shape=(12, 12, 12))
     assert tuple(out.shape) == (1, 12, 12, 12)
     assert out.dtype == torch.float32
-    assert float(out.min()) == pytest.approx(0.0) and float(out.max()) == pytest.approx(1.0)
-    # RAS: the bright cube lies at high x indices (right) after reorientation
+    assert float(out.min()) >= 0.0 and float(out.max()) == pytest.approx(1.0)
+    np.testing.assert_allclose(np.asarray(out.affine), target, atol=1e-6)
     arr = out[0].numpy()
-    bright = np.argwhere(arr > 0.5)
-    assert bright[:, 0].mean() > 6
-    # spacing 6 mm in the output affine, axes positive (RAS)
-    aff = np.asarray(out.affine)
-    np.testing.assert_allclose(np.diag(aff)[:3], [6.0, 6.0, 6.0], atol=1e-5)
+    bright = np.argwhere(arr > 0.6).mean(axis=0)  # centroid of the cube on the model's grid
+    world = target[:3, :3] @ bright + target[:3, 3]
+    assert np.abs(world - cube_world).max() <= 3.0  # within half a model voxel, on the right (x > 0)
+    assert world[0] > 15
 
 
-def test_identity_chain_keeps_values(tmp_path: Path):
+def test_model_grid_input_keeps_values_up_to_the_intensity_rule(tmp_path: Path):
+    """A scan already on the model's grid is not interpolated: only the robust [0, 1] scaling applies."""
+    from ldae.data.geometry import model_grid_affine
+    from ldae.data.transforms import robust_scale
+
     rng = np.random.default_rng(0)
     data = rng.uniform(0, 1, (8, 10, 6)).astype(np.float32)
     data[0, 0, 0], data[1, 1, 1] = 0.0, 1.0
-    path = _write(tmp_path / "v.nii.gz", data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    path = _write(tmp_path / "v.nii.gz", data, model_grid_affine(2.0, (8, 10, 6)))
     out = volume_transforms(spacing=2.0, shape=(8, 10, 6))({"image": str(path)})["image"]
-    np.testing.assert_allclose(out[0].numpy(), data, atol=1e-5)
+    nonzero = data[data != 0]
+    expected = np.clip(data / np.percentile(nonzero.astype(np.float64), 99.5), 0, 1)
+    np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(robust_scale(data), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 
 from ldae import __version__
-from ldae.errors import find_user_error
+from ldae.errors import find_user_error, one_line
 
 # name -> module; order is the order shown by `ldae --help`
 COMMANDS: dict[str, str] = {
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 return user_error.exit_code
             raise
-        message = " ".join(str(user_error).split("\n"))
+        message = one_line(user_error) or type(user_error).__name__
         print(f"ldae {args.command}: error: {message}", file=sys.stderr)
         return user_error.exit_code
     return int(code or 0)

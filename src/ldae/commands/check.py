@@ -13,33 +13,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", nargs="+", default=["CN", "MCI", "AD"], help="allowed diagnosis labels")
     p.add_argument("--no-volumes", action="store_true", help="check schema and files only, not voxel data")
     p.add_argument("--seed", type=int, default=0, help="seed of the split shown when the CSV has none")
-    p.add_argument("--write-split", action="store_true", help="write the (possibly new) split column back")
+    p.add_argument("--write-split", nargs="?", const="", default=None, metavar="OUT.csv",
+                   help="write a copy of the CSV with the assigned split column (default COHORT.split.csv; the "
+                        "input CSV is never rewritten; every other cell is copied verbatim)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rich.console import Console
-    from rich.progress import track
     from rich.table import Table
 
-    from ldae.data.cohort import ensure_split, read_cohort, summarize, write_cohort
-    from ldae.data.transforms import read_volume
+    from ldae.data.cohort import default_split_path, ensure_split, read_cohort, summarize, write_split_copy
+    from ldae.errors import CohortError
 
+    if args.write_split is not None:  # checked before reading any volume
+        split_out = Path(args.write_split) if args.write_split else default_split_path(args.csv)
+        if split_out.resolve() == Path(args.csv).resolve():
+            raise CohortError(f"{split_out}: --write-split never rewrites the cohort CSV in place; "
+                              "choose another file")
+        if split_out.is_dir():
+            raise CohortError(f"{split_out}: is a folder; --write-split needs a CSV file name")
     df = read_cohort(args.csv, labels=args.labels)
     had_split = "split" in df.columns
     df = ensure_split(df, seed=args.seed)
-    shapes: set[tuple[int, ...]] = set()
+    grids: dict[str, list[int]] = {}
     if not args.no_volumes:
-        for path in track(df["path"], description="reading volumes", disable=args.json, transient=True):
-            data, _ = read_volume(path)
-            shapes.add(tuple(data.shape))
+        grids = _check_volumes(args.csv, df, disable=args.json)
     summary = summarize(df)
     summary["split_source"] = "csv" if had_split else f"assigned (seed {args.seed})"
-    if shapes:
-        summary["volume_shapes"] = sorted(list(s) for s in shapes)
-    if args.write_split and not had_split:
-        write_cohort(df, args.csv)
-        summary["split_source"] += ", written to CSV"
+    if grids:
+        summary["volume_grids"] = {grid: _rows_text(rows) for grid, rows in grids.items()}
+    if args.write_split is not None and not had_split:
+        written = write_split_copy(args.csv, list(df["split"]), split_out)
+        summary["split_source"] += f", written to {written}"
+        summary["split_csv"] = str(written)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -60,8 +69,58 @@ def run(args: argparse.Namespace) -> int:
         "split (subjects)",
         ", ".join(f"{k} {v}" for k, v in summary["split_subjects"].items()) + f"  [{summary['split_source']}]",
     )
-    if shapes:
-        table.add_row("volume shapes", "; ".join("×".join(map(str, s)) for s in summary["volume_shapes"]))
+    if grids:
+        table.add_row("volume grids", "; ".join(f"{g} ({rows})" for g, rows in summary["volume_grids"].items()))
+        if len(grids) > 1:
+            table.add_row("", "mixed grids: each scan is resampled onto the model's grid by its affine")
     console.print(table)
     console.print("[green]cohort OK[/green]")
     return 0
+
+
+def _rows_text(rows: list[int]) -> str:
+    """CSV line numbers (header = line 1) as compact ranges: ``rows 2-5, 9``."""
+    lines = [r + 2 for r in rows]
+    parts, start = [], lines[0]
+    for prev, cur in zip(lines, lines[1:] + [None]):
+        if cur != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ("row " if len(lines) == 1 else "rows ") + ", ".join(parts)
+
+
+def _check_volumes(csv: str, df, disable: bool = False) -> dict[str, list[int]]:
+    """Read every volume (3D, finite, not constant) and check that its affine and field of view let it be
+    resampled onto the model's grid (:mod:`ldae.data.geometry`, the paper's grid: the whole MNI brain).
+
+    Returns ``{grid description: row indices}``; a CohortError naming the CSV rows (and the reason per row)
+    when any scan cannot be used, so a cohort of mixed grids passes only when all of them resample."""
+    import numpy as np
+    from rich.progress import track
+
+    from ldae.data.cohort import _row
+    from ldae.data.geometry import ModelGrid, PAPER_GRID, check_affine, check_coverage, header_geometry
+    from ldae.data.transforms import read_volume
+    from ldae.errors import CohortError
+
+    grid = ModelGrid.of(*PAPER_GRID)
+    grids: dict[str, list[int]] = {}
+    failures: list[str] = []
+    for i, path in enumerate(track(list(df["path"]), description="reading volumes", disable=disable,
+                                   transient=True)):
+        try:
+            read_volume(path)  # voxel data first: its errors are the most specific
+            shape, affine, codes = header_geometry(path)
+            affine = check_affine(affine, str(path), codes)
+            zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+            key = f"{'x'.join(f'{z:.3g}' for z in zooms)} mm {'x'.join(map(str, shape))}"
+            check_coverage(affine, shape, grid, str(path))
+        except CohortError as exc:
+            failures.append(f"{_row(i)}: {exc}")
+            continue
+        grids.setdefault(key, []).append(i)
+    if failures:
+        more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+        mixed = f" (cohort of {len(grids) + len(failures)} scans on {len(grids)} usable grid(s))" if grids else ""
+        raise CohortError(f"{csv}: {len(failures)} scan(s) cannot be used{mixed}: " + "; ".join(failures[:3]) + more)
+    return grids

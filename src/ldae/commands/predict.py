@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="scans per encoder pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--fov-tolerance", type=float, default=DEFAULT_FOV_TOLERANCE,
-                   help="accepted relative field-of-view mismatch per axis vs the model's grid (inf: no check)")
+                   help="inf: skip the header-only geometry check before loading the model (scans are "
+                        "still resampled onto the model's grid by their affine and must cover the brain)")
 
 
 def _print_table(result) -> None:

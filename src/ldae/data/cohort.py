@@ -21,6 +21,7 @@ REQUIRED_COLUMNS = ("subject", "session", "path", "diagnosis", "age")
 OPTIONAL_PATH_COLUMNS = ("latent_path",)
 DEFAULT_LABELS = ("CN", "MCI", "AD")
 SPLITS = ("train", "val", "test")
+AGE_RANGE = (0, 130)  # years; outside it an age is a unit or data-entry error (months, days, -5, 700)
 _SESSION_RE = re.compile(r"^(?:ses-)?M?(\d+)$", re.IGNORECASE)
 
 
@@ -50,7 +51,7 @@ def read_cohort(
     """Read and validate a cohort CSV; return it with absolute paths and int sessions.
 
     Raises CohortError naming the file, row and column for: unreadable/empty CSV, missing columns,
-    empty cells, bad session, non-numeric or non-finite age, unknown diagnosis, duplicate
+    empty cells, bad or negative session, non-numeric, non-finite or implausible age (outside 0-130 years), unknown diagnosis, duplicate
     (subject, session), missing files, and invalid ``split`` values or subject leakage across splits.
     """
     csv = Path(csv)
@@ -84,6 +85,11 @@ def read_cohort(
             raise CohortError(
                 f"{csv}: {_row(i)}: column 'session' has '{value}' (expected months, e.g. 6 or ses-M06)"
             ) from None
+    negative = [i for i, m in enumerate(sessions) if m < 0]
+    if negative:
+        i = negative[0]
+        raise CohortError(f"{csv}: {_row(i)}: column 'session' has '{df['session'].iloc[i]}' (months since "
+                          "baseline cannot be negative)")
     df["session"] = np.asarray(sessions, dtype=np.int64)
 
     age = pd.to_numeric(df["age"], errors="coerce")
@@ -91,6 +97,11 @@ def read_cohort(
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise CohortError(f"{csv}: {_row(i)}: column 'age' has non-numeric value '{df['age'].iloc[i]}'")
+    implausible = (age < AGE_RANGE[0]) | (age > AGE_RANGE[1])
+    if implausible.any():
+        i = int(np.flatnonzero(implausible.to_numpy())[0])
+        raise CohortError(f"{csv}: {_row(i)}: column 'age' has {df['age'].iloc[i]} (expected years, "
+                          f"{AGE_RANGE[0]}-{AGE_RANGE[1]})")
     df["age"] = age.astype(float)
 
     df["diagnosis"] = df["diagnosis"].astype(str).str.strip()
@@ -212,6 +223,50 @@ def write_cohort(df: pd.DataFrame, path: str | Path) -> Path:
         if col in out.columns:
             out[col] = [_relative_to(p, base) for p in out[col]]
     return write_csv(path, out)
+
+
+def default_split_path(csv: str | Path) -> Path:
+    """Where ``ldae check --write-split`` writes by default: ``COHORT.split.csv`` beside ``COHORT.csv``."""
+    csv = Path(csv)
+    return csv.with_name(f"{csv.stem}.split{csv.suffix or '.csv'}")
+
+
+def write_split_copy(source: str | Path, split: Sequence[str], out: str | Path) -> Path:
+    """Write ``source`` (a cohort CSV) to ``out`` with a ``split`` column appended, every other cell
+    copied as the exact text it had (``000``, ``NA``, ``null``, ``ses-M06`` and relative paths unchanged;
+    a UTF-8 BOM and CRLF line ends kept). ``split[i]`` belongs to the i-th non-blank data row, the order in
+    which :func:`read_cohort` returns rows. Never overwrites ``source`` (CohortError); written atomically.
+    """
+    import csv as csvlib
+    import io
+
+    from ldae.io import atomic_path
+
+    source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve():
+        raise CohortError(f"{out}: --write-split never rewrites the cohort CSV in place; choose another file")
+    if out.is_dir():
+        raise CohortError(f"{out}: is a folder; --write-split needs a CSV file name")
+    raw = source.read_bytes()
+    bom = raw.startswith(b"\xef\xbb\xbf")
+    text = raw.decode("utf-8-sig")
+    first_end = text.find("\n")
+    newline = "\r\n" if first_end > 0 and text[first_end - 1] == "\r" else "\n"
+    rows = list(csvlib.reader(io.StringIO(text, newline="")))
+    header, data = rows[0], rows[1:]
+    if "split" in [c.strip() for c in header]:
+        raise CohortError(f"{source}: already has a 'split' column; nothing to write")
+    nonblank = [i for i, r in enumerate(data) if r]  # pandas skips only empty lines
+    if len(nonblank) != len(split):
+        raise CohortError(f"{source}: {len(nonblank)} data rows but {len(split)} split values")
+    values = dict(zip(nonblank, split))
+    with atomic_path(out) as tmp:
+        with tmp.open("w", encoding="utf-8-sig" if bom else "utf-8", newline="") as fh:
+            writer = csvlib.writer(fh, lineterminator=newline)
+            writer.writerow([*header, "split"])
+            for i, r in enumerate(data):
+                writer.writerow([*r, values[i]] if i in values else r)
+    return out
 
 
 def _relative_to(value: object, base: Path) -> object:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ldae.data.cohort import write_cohort
+from ldae.data.geometry import model_grid_affine
 from ldae.io import write_nifti
 
 
@@ -41,8 +42,7 @@ def write_phantom_cohort(
     """Write ``out/images/*.nii.gz`` and ``out/cohort.csv`` (CN/MCI/AD cycling); return the CSV path."""
     out = Path(out)
     rng = np.random.default_rng(seed)
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = -0.5 * spacing * (np.asarray(shape) - 1)
+    affine = model_grid_affine(spacing, shape)  # the model's grid: model-ready as written
     rows = []
     for s in range(n_subjects):
         diagnosis = ("CN", "MCI", "AD")[s % 3]

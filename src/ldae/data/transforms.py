@@ -1,8 +1,10 @@
-"""Volume loading with validation, and the MONAI transform chain that makes a scan model-ready.
+"""Volume loading with validation, and the transform chain that makes a scan model-ready.
 
-Chain: load NIfTI (affine kept, file named in every error) -> channel-first -> RAS -> spacing ->
-crop/pad to the preset shape -> min-max to [0, 1]. A volume that is not 3D, holds NaN/inf, or is
-constant (e.g. all zero) is rejected with a CohortError naming the file.
+Chain: load NIfTI (affine kept, file named in every error) -> check its affine and field of view ->
+resample onto the model's grid *by the affine* (:mod:`ldae.data.geometry`: MNI space, the model's spacing and
+shape) -> robust intensity scaling to [0, 1] (:func:`robust_scale`). A volume that is not 3D, holds NaN/inf,
+or is constant (e.g. all zero) is rejected with a CohortError naming the file, as is one whose affine cannot
+place it on the grid (none, identity, degenerate) or whose field of view misses part of the brain.
 """
 
 from __future__ import annotations
@@ -10,29 +12,53 @@ from __future__ import annotations
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ldae.errors import CohortError
 
+if TYPE_CHECKING:
+    from ldae.data.geometry import ModelGrid
+
 
 def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI as ``(float32 array XYZ, 4x4 affine)``, validating it (see :func:`validate_volume`)."""
     import nibabel as nib
 
+    from ldae.errors import describe
+
     path = Path(path)
+    if path.is_dir():
+        raise CohortError(f"{path}: is a folder, not a NIfTI file")
     if not path.is_file():
         raise CohortError(f"{path}: file not found")
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported below, by file
+            data = np.asarray(img.dataobj, dtype=np.float32)
     except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CohortError(f"{path}: cannot read NIfTI ({reason})") from None
+        raise CohortError(f"{path}: cannot read NIfTI ({describe(exc)})") from None
     data = validate_volume(data, source=str(path))
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_model_ready(path: str | Path, grid: ModelGrid) -> tuple[np.ndarray, np.ndarray]:
+    """A scan on the model's ``grid`` with robust [0, 1] intensities, and the grid's affine.
+
+    Header geometry is checked first (no voxel data read for a scan that cannot be used), then the voxels
+    (3D, finite, not constant), then the volume is resampled by its affine and scaled."""
+    from ldae.data.geometry import check_affine, check_coverage, header_geometry, resample_to_grid
+
+    shape, affine, codes = header_geometry(path)
+    affine = check_affine(affine, str(path), codes)
+    check_coverage(affine, shape, grid, str(path))
+    data, _ = read_volume(path)
+    peak = float(np.abs(data).max())  # bring huge finite values (e.g. ±3e38) into range before interpolating
+    data = (data.astype(np.float64) / peak).astype(np.float32)
+    volume = resample_to_grid(data, affine, grid)
+    return robust_scale(volume, source=str(path)), grid.affine
 
 
 def validate_volume(data: np.ndarray, source: str = "volume") -> np.ndarray:
@@ -52,18 +78,51 @@ def validate_volume(data: np.ndarray, source: str = "volume") -> np.ndarray:
     return data
 
 
-class LoadVolumed:
-    """Dictionary transform: replace ``d[key]`` (a path) by a channel-first MetaTensor with its affine."""
+#: intensity rule: clip to [min(0, P_0.5), P_99.5] of the nonzero voxels, then map that range to [0, 1]
+INTENSITY_PERCENTILES = (0.5, 99.5)
 
-    def __init__(self, keys: Sequence[Hashable] = ("image",)) -> None:
+
+def robust_scale(volume: np.ndarray, source: str = "volume",
+                 percentiles: tuple[float, float] = INTENSITY_PERCENTILES) -> np.ndarray:
+    """Intensities to [0, 1] by a rule that a few extreme voxels cannot hijack.
+
+    With ``P_q`` the q-th percentile of the volume's *nonzero* voxels (so the zero background of a
+    skull-stripped scan and the zero padding of the resampling do not count),
+    ``lo = min(0, P_0.5)`` and ``hi = P_99.5``: ``x -> clip((x - lo) / (hi - lo), 0, 1)``. For a non-negative
+    scan this is ``x / P_99.5``: zero stays zero, tissue contrast is kept, only the brightest 0.5 % of the
+    nonzero voxels saturate at 1. Plain min-max instead lets one voxel at 1e6 squash the brain to ~0.
+    Computed in float64; CohortError naming ``source`` when the volume is constant.
+    """
+    x = np.asarray(volume, dtype=np.float64)
+    nonzero = x[x != 0]
+    if nonzero.size == 0:
+        raise CohortError(f"{source}: volume is constant (value 0), e.g. all zero")
+    p_lo, p_hi = np.percentile(nonzero, percentiles)
+    lo, hi = min(0.0, float(p_lo)), float(p_hi)
+    if not hi > lo:  # e.g. a handful of nonzero voxels: fall back to their full range
+        lo, hi = min(0.0, float(nonzero.min())), float(nonzero.max())
+    if not hi > lo:
+        raise CohortError(f"{source}: volume is constant after resampling onto the model's grid")
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+class LoadVolumed:
+    """Dictionary transform: replace ``d[key]`` (a path) by a channel-first model-ready MetaTensor on the
+    model's grid (``grid``), with the grid's affine; without a grid, the scan as stored (validated)."""
+
+    def __init__(self, keys: Sequence[Hashable] = ("image",), grid: ModelGrid | None = None) -> None:
         self.keys = tuple(keys)
+        self.grid = grid
 
     def __call__(self, d: Mapping[Hashable, Any]) -> dict:
         from monai.data import MetaTensor
 
         out = dict(d)
         for key in self.keys:
-            data, affine = read_volume(out[key])
+            if self.grid is None:
+                data, affine = read_volume(out[key])
+            else:
+                data, affine = read_model_ready(out[key], self.grid)
             out[key] = MetaTensor(
                 torch.from_numpy(np.ascontiguousarray(data[None])),
                 affine=torch.as_tensor(affine),
@@ -77,27 +136,14 @@ def volume_transforms(
     shape: Sequence[int] = (128, 160, 128),
     keys: Sequence[str] = ("image",),
 ):
-    """The model-ready chain: load, RAS, resample to ``spacing`` mm, crop/pad to ``shape``, scale to [0,1]."""
-    from monai.transforms import (
-        Compose,
-        EnsureTyped,
-        Orientationd,
-        ResizeWithPadOrCropd,
-        ScaleIntensityd,
-        Spacingd,
-    )
+    """The model-ready chain: load, check and resample by the affine onto the model's grid (``spacing`` mm,
+    ``shape`` voxels, MNI-centred; :mod:`ldae.data.geometry`), robust scaling to [0, 1]."""
+    from monai.transforms import Compose, EnsureTyped
 
-    pixdim = (float(spacing),) * 3 if np.isscalar(spacing) else tuple(float(s) for s in spacing)
-    return Compose(
-        [
-            LoadVolumed(keys),
-            Orientationd(keys=list(keys), axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys=list(keys), pixdim=pixdim, mode="bilinear"),
-            ResizeWithPadOrCropd(keys=list(keys), spatial_size=tuple(int(s) for s in shape)),
-            ScaleIntensityd(keys=list(keys), minv=0.0, maxv=1.0),
-            EnsureTyped(keys=list(keys), dtype=torch.float32),
-        ]
-    )
+    from ldae.data.geometry import ModelGrid
+
+    grid = ModelGrid.of(spacing, shape)
+    return Compose([LoadVolumed(keys, grid=grid), EnsureTyped(keys=list(keys), dtype=torch.float32)])
 
 
 def load_model_ready(
@@ -105,6 +151,22 @@ def load_model_ready(
 ) -> torch.Tensor:
     """One scan through :func:`volume_transforms`: a ``(1, D, H, W)`` MetaTensor in [0, 1]."""
     return volume_transforms(spacing, shape)({"image": str(path)})["image"]
+
+
+def check_model_ready(paths: Sequence[str | Path], spacing: float | Sequence[float], shape: Sequence[int],
+                      names: Sequence[str] | None = None) -> None:
+    """Header-only check of many scans before any computation (geometry as :func:`read_model_ready`);
+    the error names the scan (``names[i]``, e.g. "cohort.csv: row 7", prefixed when given)."""
+    from ldae.data.geometry import ModelGrid, check_geometry
+
+    grid = ModelGrid.of(spacing, shape)
+    for i, path in enumerate(paths):
+        try:
+            check_geometry(path, grid)
+        except CohortError as exc:
+            if names is None:
+                raise
+            raise CohortError(f"{names[i]}: {exc}") from None
 
 
 class ModelReadyInput:

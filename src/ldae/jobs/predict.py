@@ -5,9 +5,10 @@ fitted on the cohort's training split (``RUN/evaluation/probes.json``) turn it i
 probability and an age estimate. Nothing is refitted here, so predictions are only as good as those
 probes (their held-out test metrics travel with the result).
 
-Before any network runs, every scan's NIfTI header is checked (exists, readable, 3D, and a field of
-view close to the model's ``shape × spacing`` in mm): a raw, unregistered T1 usually fails that check,
-and ``preprocess=True`` runs :func:`ldae.jobs.preprocess.preprocess_scan` on it first (ANTsPy).
+Before any network runs, every scan's NIfTI header is checked (exists, readable, 3D, an affine that places
+it in MNI space, and a field of view covering the brain on the model's grid; :mod:`ldae.data.geometry`);
+each scan is then resampled onto the model's grid by its affine. ``preprocess=True`` runs
+:func:`ldae.jobs.preprocess.preprocess_scan` on raw T1s first (ANTsPy).
 
     from ldae.model import LDAE
     from ldae.jobs.predict import predict
@@ -32,7 +33,7 @@ from ldae.errors import CohortError, LDAEError, find_user_error
 
 log = logging.getLogger(__name__)
 PROBES_FILE = "probes.json"
-DEFAULT_FOV_TOLERANCE = 0.2  # relative field-of-view mismatch per axis accepted as "model-ready"
+DEFAULT_FOV_TOLERANCE = 0.2  # kept for the API: any finite value means "check the geometry"
 
 
 # ------------------------------------------------------------------------------------------- result
@@ -115,58 +116,26 @@ def load_run_probes(run: str | Path | None, probes: str | Path | None = None) ->
 
 
 # --------------------------------------------------------------------------------------- scan checks
-def _ras_extent_mm(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-    """Field of view (mm) along R, A, S of a grid."""
-    import nibabel as nib
-
-    zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-    extent = np.asarray(shape[:3], dtype=np.float64) * zooms
-    ornt = nib.orientations.io_orientation(affine)  # row i: output (RAS) axis of voxel axis i
-    out = np.zeros(3)
-    for axis, (ras, _) in enumerate(ornt):
-        out[int(ras)] = extent[axis]
-    return out
-
-
 def check_scan(path: str | Path, spacing: float | Sequence[float] | None = None, shape: Sequence[int] | None = None,
                fov_tolerance: float | None = DEFAULT_FOV_TOLERANCE) -> None:
-    """Header-only check that ``path`` is a readable 3D NIfTI whose field of view matches the model's.
+    """Header-only check that ``path`` is a readable 3D NIfTI that can be resampled onto the model's grid.
 
     Args:
         path: the scan.
-        spacing, shape: the model's grid (mm, voxels); the expected field of view is their product
-            (None: only check that the file is a readable 3D NIfTI).
-        fov_tolerance: accepted relative difference per axis (None or inf skips the field-of-view check).
+        spacing, shape: the model's grid (mm, voxels; MNI-centred, :mod:`ldae.data.geometry`); None: only
+            check that the file is a readable 3D NIfTI.
+        fov_tolerance: None or inf skips the geometry check (affine and brain coverage); any finite value
+            keeps it (a larger field of view than the model's is fine: the scan is resampled by its affine).
 
-    Raises CohortError naming the file (missing, unreadable, not 3D, or not model-ready).
+    Raises CohortError naming the file (missing, a folder, unreadable, not 3D, an affine that cannot place
+    it in MNI space, or a field of view that misses part of the brain).
     """
-    import nibabel as nib
+    from ldae.data.geometry import ModelGrid, check_geometry, header_geometry
 
-    path = Path(path)
-    if not path.is_file():
-        raise CohortError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path))
-        dims = tuple(int(s) for s in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises many types for foreign or truncated files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CohortError(f"{path}: cannot read NIfTI ({reason})") from None
-    if len(dims) == 4 and dims[3] == 1:
-        dims = dims[:3]
-    if len(dims) != 3 or min(dims) < 2:
-        raise CohortError(f"{path}: expected a 3D volume, got shape {dims}")
     if spacing is None or shape is None or fov_tolerance is None or not np.isfinite(fov_tolerance):
+        header_geometry(path)
         return
-    pix = np.full(3, float(spacing)) if np.isscalar(spacing) else np.asarray(spacing, dtype=np.float64)
-    want = pix * np.asarray(shape, dtype=np.float64)
-    have = _ras_extent_mm(dims, affine)
-    if np.any(np.abs(have - want) > float(fov_tolerance) * want):
-        raise CohortError(
-            f"{path}: field of view {' x '.join(f'{v:.0f}' for v in have)} mm (shape {dims}) is not the model's "
-            f"{' x '.join(f'{v:.0f}' for v in want)} mm (shape {tuple(int(s) for s in shape)} at {spacing} mm): "
-            "not a model-ready scan; use --preprocess (or `ldae preprocess`) for raw T1s"
-        )
+    check_geometry(path, ModelGrid.of(spacing, shape))
 
 
 # ------------------------------------------------------------------------------------------ preprocess
