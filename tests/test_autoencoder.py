@@ -15,11 +15,12 @@ import torch.nn.functional as F
 import yaml
 from scipy.ndimage import gaussian_filter
 
+from ldae.checkpoints import load_autoencoder
 from ldae.config import load_preset
 from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.autoencoder import build_autoencoder, discriminator_logits, kl_loss, l1_loss, latent_shape
 from ldae.nets.perceptual import NetworkAccessBlocked, build_perceptual_loss, no_network
-from ldae.training.autoencoder import AutoencoderModule, fit, frozen, load_autoencoder, lr_factor
+from ldae.training.autoencoder import AutoencoderModule, fit, frozen, lr_factor
 
 SMALL_MODEL = {"channels": [8, 16], "latent_channels": 3, "num_res_blocks": 1, "norm_num_groups": 4}
 

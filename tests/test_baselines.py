@@ -14,12 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ldae.baselines.supervised import (
-    SupervisedNet,
-    age_statistics,
-    load_supervised,
-    supervised_loss,
-)
+from ldae.baselines.supervised import SupervisedNet, load_supervised
 from ldae.baselines.voxel_dae import (
     ConditionalUNet,
     VoxelDAE,
@@ -36,6 +31,7 @@ from ldae.diffusion.schedule import NoiseSchedule
 from ldae.errors import CheckpointError, ConfigError
 from ldae.nets.semantic_encoder import build_semantic_encoder
 from ldae.nets.unet import LatentUNet, ResBlock
+from ldae.training.supervised import age_statistics, supervised_loss
 
 SHAPE = (16, 20, 16)
 SMALL_UNET = {"in_channels": 1, "channels": [8, 16], "num_res_blocks": 1, "attention_factors": [],
@@ -145,7 +141,7 @@ def test_config_errors_name_the_key():
         build_network(apply_overrides(cfg, [("model.semantic_encoder.num_slices", 16)]))
     with pytest.raises(ConfigError, match="model.unet.in_channels"):
         build_network(apply_overrides(cfg, [("model.unet.in_channels", 3)]))
-    from ldae.baselines import supervised, voxel_dae
+    from ldae.training import supervised, voxel_dae
 
     with pytest.raises(ConfigError, match="data.csv"):
         voxel_dae.fit(cfg)
@@ -316,8 +312,8 @@ def test_supervised_checkpoint_round_trip(small_fits: dict[str, Path]):
 def test_fit_registry_and_print_config(capsys: pytest.CaptureFixture[str]):
     from ldae.training import STAGE_MODULES
 
-    assert STAGE_MODULES["voxel_dae"] == "ldae.baselines.voxel_dae"
-    assert STAGE_MODULES["supervised"] == "ldae.baselines.supervised"
+    assert STAGE_MODULES["voxel_dae"] == "ldae.training.voxel_dae"
+    assert STAGE_MODULES["supervised"] == "ldae.training.supervised"
     assert main(["fit", "--preset", "tiny", "--stage", "voxel_dae", "--print-config"]) == 0
     assert "stage: voxel_dae" in capsys.readouterr().out
 

@@ -16,9 +16,10 @@ import torch
 from ldae.cli import main
 from ldae.config import load_preset
 from ldae.data.cohort import ensure_split, read_cohort
+from ldae.data.latents import read_latent_meta
 from ldae.data.transforms import load_model_ready
 from ldae.errors import CohortError
-from ldae.jobs.compress import compress, default_out_dir, latent_names, read_latent_meta
+from ldae.jobs.compress import compress, default_out_dir, latent_names
 from ldae.runs import COMPRESSED_CSV, LATENT_META
 from ldae.training.autoencoder import AutoencoderModule
 
@@ -57,7 +58,8 @@ def test_compress_round_trip(tmp_path: Path, ckpt: Path, phantom_cohort: Path) -
     expected = ensure_split(read_cohort(phantom_cohort), seed=0, test_fraction=0.1, val_fraction=0.01)
     assert list(df["split"]) == list(expected["split"])
 
-    from ldae.training.autoencoder import load_autoencoder
+    from ldae.checkpoints import load_autoencoder
+    from ldae.nets.weights import weights_fingerprint
 
     net, _ = load_autoencoder(ckpt)
     for i in (0, 7):
@@ -76,6 +78,7 @@ def test_compress_round_trip(tmp_path: Path, ckpt: Path, phantom_cohort: Path) -
     assert meta["latent_mean"] == pytest.approx(train.astype(np.float64).mean(), abs=1e-6)
     assert meta["latent_shape"] == [3, 8, 10, 8] and meta["shape"] == [32, 40, 32] and meta["spacing"] == 6.0
     assert meta["autoencoder_checkpoint"] == str(ckpt.resolve()) and meta["encoded_last_run"] == 12
+    assert meta["autoencoder_fingerprint"] == weights_fingerprint(net)  # what the next stages record
     assert read_latent_meta(csv) == meta and read_latent_meta(out) == meta
 
     from ldae.data.datamodule import LatentDataModule

@@ -15,12 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+from ldae.checkpoints import load_latent_diffusion
 from ldae.cli import main
 from ldae.config import load_preset
+from ldae.data.latents import read_latent_meta
 from ldae.errors import CheckpointError, CohortError, ConfigError
-from ldae.jobs.compress import read_latent_meta
+from ldae.model import volume_affine
 from ldae.training.ema import EMA, FrozenEvalMixin, freeze
-from ldae.training.latent_diffusion import LatentDiffusionModule, fit, load_latent_diffusion, volume_affine
+from ldae.training.latent_diffusion import LatentDiffusionModule, fit
 
 LATENT = [3, 8, 10, 8]
 SMALL_UNET = {"channels": [8, 16], "num_res_blocks": 1, "attention_factors": [2], "num_heads": 2,
@@ -154,17 +156,16 @@ def test_training_lowers_the_loss(tmp_path):
 
 
 def _write_autoencoder_checkpoint(path: Path) -> None:
-    from ldae.checkpoints import stage_metadata
+    from ldae.checkpoints import AUTOENCODER_PREFIX, save_checkpoint, stage_metadata
     from ldae.nets.autoencoder import build_autoencoder
-    from ldae.training.autoencoder import STATE_PREFIX
 
     cfg = load_preset("tiny", "autoencoder")
     cfg["model"].update(AE_MODEL)
     cfg["data"]["shape"] = AE_SHAPE
     torch.manual_seed(0)
     net = build_autoencoder(cfg["model"])
-    state = {STATE_PREFIX + k: v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "ldae": stage_metadata(cfg, "autoencoder")}, path)
+    state = {AUTOENCODER_PREFIX + k: v for k, v in net.state_dict().items()}
+    save_checkpoint(path, state, stage_metadata(cfg, "autoencoder"))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ldae.checkpoints import CHECKPOINT_KEY
 from ldae.cli import main
 from ldae.config import load_preset
 from ldae.data.cohort import assign_splits, read_cohort, write_cohort
@@ -76,7 +77,7 @@ def make_autoencoder_ckpt(run: Path, seed: int = 0) -> Path:
 
 def make_diffusion_ckpt(run: Path, latents_csv: Path, seed: int = 0, preset: str = "tiny",
                         model: dict | None = None) -> Path:
-    from ldae.jobs.compress import read_latent_meta
+    from ldae.data.latents import read_latent_meta
     from ldae.training.latent_diffusion import LatentDiffusionModule
 
     meta = read_latent_meta(latents_csv)
@@ -84,7 +85,8 @@ def make_diffusion_ckpt(run: Path, latents_csv: Path, seed: int = 0, preset: str
     cfg["out"], cfg["data"]["csv"] = str(stage_dir(run, "diffusion")), str(latents_csv)
     cfg["model"].update(model or {})
     torch.manual_seed(seed)
-    module = LatentDiffusionModule(cfg, meta["scale_factor"], meta["latent_shape"], meta["autoencoder_checkpoint"])
+    module = LatentDiffusionModule(cfg, meta["scale_factor"], meta["latent_shape"], meta["autoencoder_checkpoint"],
+                                   meta["autoencoder_fingerprint"])
     _perturb(module, seed)
     return _save(module, stage_dir(run, "diffusion") / "checkpoints" / "best.ckpt")
 
@@ -375,7 +377,7 @@ def _run_on_other_diffusion(fake_run: Path, root: Path, **diffusion_kwargs) -> P
     other = make_diffusion_ckpt(root / "other", stage_dir(fake_run, "latents") / COMPRESSED_CSV, **diffusion_kwargs)
     rep = stage_dir(fake_run, "representation") / "checkpoints" / "best.ckpt"
     ckpt = torch.load(rep, map_location="cpu", weights_only=True)
-    ckpt["ldae"]["diffusion_checkpoint"] = str(other)
+    ckpt[CHECKPOINT_KEY]["diffusion_checkpoint"] = str(other)
     run = root / "run"
     (stage_dir(run, "representation") / "checkpoints").mkdir(parents=True)
     torch.save(ckpt, stage_dir(run, "representation") / "checkpoints" / "best.ckpt")
@@ -523,10 +525,8 @@ def test_every_torch_load_is_weights_only() -> None:
 
 def test_stage_loaders_refuse_extra_or_missing_weights(fake_run: Path, tmp_path: Path) -> None:
     """Every stage loader is strict: one extra and one missing key are both named."""
+    from ldae.checkpoints import load_autoencoder, load_latent_diffusion, load_representation
     from ldae.errors import CheckpointError
-    from ldae.training.autoencoder import load_autoencoder
-    from ldae.training.latent_diffusion import load_latent_diffusion
-    from ldae.training.representation import load_representation
 
     loaders = {"autoencoder": load_autoencoder, "diffusion": load_latent_diffusion,
                "representation": load_representation}

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ldae.checkpoints import CHECKPOINT_KEY
 from ldae.errors import CheckpointError, LDAEError
 from ldae.model import LDAE
 from ldae.runs import COMPRESSED_CSV, stage_dir
@@ -31,9 +32,39 @@ def test_run_layout_and_checkpoint_contents(tiny_run: Path):
     ckpt = torch.load(rep / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     # the frozen UNet is referenced, not copied, into the stage-3 checkpoint
     assert not any(k.startswith("unet.") or "_ldm" in k for k in ckpt["state_dict"])
-    assert ckpt["ldae"]["stage"] == "representation" and Path(ckpt["ldae"]["diffusion_checkpoint"]).is_file()
+    assert ckpt[CHECKPOINT_KEY]["stage"] == "representation"
+    assert Path(ckpt[CHECKPOINT_KEY]["diffusion_checkpoint"]).is_file()
     metrics = pd.read_csv(rep / "logs" / "metrics.csv")
     assert {"val/ssim_semantic", "val/ssim_encoded", "val/loss"} <= set(metrics.columns)
+
+
+def test_checkpoints_name_their_upstream_stages_relative_to_themselves(tiny_run: Path, model: LDAE):
+    """Stage 2 names its autoencoder, stage 3 its diffusion model and autoencoder: absolute path, path
+    relative to the naming checkpoint's folder, and the weights fingerprint of what was loaded."""
+    from ldae.checkpoints import FORMAT, StageMetadata, load_autoencoder, load_latent_diffusion
+    from ldae.nets.weights import weights_fingerprint
+
+    def meta(stage: str) -> StageMetadata:
+        ckpt = torch.load(stage_dir(tiny_run, stage) / "checkpoints" / "best.ckpt", weights_only=True)
+        return StageMetadata.from_dict(ckpt[CHECKPOINT_KEY])
+
+    ae_ckpt = stage_dir(tiny_run, "autoencoder") / "checkpoints" / "best.ckpt"
+    ldm_ckpt = stage_dir(tiny_run, "diffusion") / "checkpoints" / "best.ckpt"
+    ae_fp = weights_fingerprint(load_autoencoder(ae_ckpt)[0])
+    ldm_fp = weights_fingerprint(load_latent_diffusion(ldm_ckpt).unet)
+    ldm_meta, rep_meta = meta("diffusion"), meta("representation")
+    assert ldm_meta.format == rep_meta.format == FORMAT == 2
+    sibling = str(Path("..", "..", "{}", "checkpoints", "best.ckpt"))
+    assert ldm_meta.upstream["autoencoder"].relative == sibling.format("autoencoder")
+    assert ldm_meta.upstream["autoencoder"].fingerprint == ae_fp
+    assert Path(ldm_meta.upstream["autoencoder"].path) == ae_ckpt.resolve()
+    assert rep_meta.upstream["diffusion"].relative == sibling.format("diffusion")
+    assert rep_meta.upstream["diffusion"].fingerprint == ldm_fp
+    assert rep_meta.upstream["autoencoder"].relative == sibling.format("autoencoder")
+    assert rep_meta.upstream["autoencoder"].fingerprint == ae_fp
+    # the loaded model carries the same fingerprints and the metadata it read
+    assert model.fingerprints["autoencoder"] == ae_fp and model.fingerprints["diffusion"] == ldm_fp
+    assert model.metadata["representation"] == rep_meta
 
 
 def test_frozen_unet_stays_in_eval_mode(tiny_run: Path):
@@ -98,8 +129,8 @@ def test_generate_and_semantic_only(model: LDAE, scans: torch.Tensor):
 def test_load_errors(tmp_path: Path, tiny_run: Path):
     with pytest.raises(CheckpointError, match="no representation checkpoint"):
         LDAE.load(tmp_path)
+    from ldae.checkpoints import load_representation
     from ldae.runs import find_checkpoint
-    from ldae.training.representation import load_representation
 
     with pytest.raises(CheckpointError, match="expected stage 'representation'"):
         load_representation(find_checkpoint(tiny_run, "diffusion"))

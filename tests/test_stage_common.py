@@ -27,7 +27,7 @@ def test_prepare_run_saves_config_and_guards_existing_runs(tmp_path: Path):
 
 def test_load_checkpoint_checks_stage(tmp_path: Path):
     path = save_torch(tmp_path / "a.ckpt", {"state_dict": {"w": torch.ones(2)},
-                                           CHECKPOINT_KEY: stage_metadata({"preset": "tiny"}, "diffusion")})
+                                           CHECKPOINT_KEY: stage_metadata({"preset": "tiny"}, "diffusion").to_dict()})
     assert load_checkpoint(path, "diffusion")["state_dict"]["w"].sum() == 2
     with pytest.raises(CheckpointError, match="stage 'diffusion', expected stage 'autoencoder'"):
         load_checkpoint(path, "autoencoder")

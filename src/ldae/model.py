@@ -12,7 +12,6 @@ frozen UNet's encoder runs once and both decoders (ε_θ and G_ψ) reuse its fea
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,11 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldae.checkpoints import (
+    StageCheckpoint,
+    StageMetadata,
+    diffusion_of,
+    load_representation,
+    open_checkpoint,
+    read_ysem_stats,
+)
 from ldae.data.transforms import ModelReadyInput
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
 from ldae.diffusion.interpolation import slerp
 from ldae.diffusion.pdae import guided_eps_fn
 from ldae.errors import CheckpointError, LDAEError
+from ldae.nets.weights import weights_fingerprint
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -50,49 +58,64 @@ class LDAE(ModelReadyInput):
     steps: int = 50
     run: Path | None = None
     checkpoints: dict[str, str] = field(default_factory=dict)
+    #: each stage's checkpoint metadata (:class:`ldae.checkpoints.StageMetadata`), read once at load
+    metadata: dict[str, StageMetadata] = field(default_factory=dict)
+    #: weights fingerprints of the loaded networks: autoencoder, diffusion (UNet), semantic_encoder
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    #: why the y_sem statistics could not be used (None: absent or fine)
+    ysem_problem: str | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, run: str | Path, device: str | torch.device = "cpu", steps: int | None = None) -> LDAE:
-        """Load a full run folder (``RUN/{autoencoder,diffusion,representation}``) or a representation
-        checkpoint; the diffusion and autoencoder checkpoints are found through the ones they name."""
+    def load(cls, run: str | Path, device: str | torch.device = "cpu", steps: int | None = None,
+             representation: StageCheckpoint | None = None) -> LDAE:
+        """Load a trained LDAE from a full run folder (``RUN/{autoencoder,diffusion,representation}``), the
+        representation stage folder (``RUN/representation``) or a representation checkpoint.
+
+        The representation checkpoint names the diffusion checkpoint it was trained on, which names its
+        autoencoder; each is looked for beside the checkpoint naming it first (a copied run folder loads
+        its own stages), and its weights must have the fingerprint recorded at training time
+        (:mod:`ldae.checkpoints`), otherwise CheckpointError says which stage differs. ``representation``:
+        the already opened representation checkpoint (read once by callers that need its metadata first).
+        """
         from ldae.runs import find_checkpoint
-        from ldae.training.autoencoder import load_autoencoder
-        from ldae.training.latent_diffusion import load_latent_diffusion
-        from ldae.training.representation import YSEM_STATS, load_representation
 
-        rep_ckpt = find_checkpoint(run, "representation")
-        encoder, shift = load_representation(rep_ckpt, device)
-        from ldae.checkpoints import load_checkpoint
-
-        meta = load_checkpoint(rep_ckpt, stage="representation")["ldae"]
-        ldm_ckpt = _existing(meta.get("diffusion_checkpoint"), run, "diffusion")
-        ldm = load_latent_diffusion(ldm_ckpt, device)
-        _check_same_diffusion(meta, ldm, rep_ckpt, ldm_ckpt)
-        ae_ckpt = _existing(ldm.autoencoder_checkpoint, run, "autoencoder")
-        autoencoder, ae_cfg = load_autoencoder(ae_ckpt, device)
-        stats_path = Path(rep_ckpt).parent / YSEM_STATS
+        rep = representation or open_checkpoint(find_checkpoint(run, "representation"), "representation")
+        encoder, shift = load_representation(rep, device)
+        ldm = diffusion_of(rep.path, rep.meta, device)
+        # the autoencoder the diffusion model names, with the fingerprint recorded by stage 2 (or stage 3)
+        ae = ldm.load_autoencoder(device, expected=ldm.autoencoder_fingerprint or _recorded(rep.meta, "autoencoder"))
+        fingerprints = {"autoencoder": ae.fingerprint, "diffusion": str(ldm.fingerprint),
+                        "semantic_encoder": weights_fingerprint(encoder)}
         mean = std = None
-        if stats_path.is_file():
-            stats = json.loads(stats_path.read_text())
+        ysem_problem = None
+        try:
+            stats = read_ysem_stats(rep.path, encoder.emb_dim, fingerprints["semantic_encoder"])
+        except CheckpointError as exc:  # only manipulation needs them: every other operation still works
+            stats, ysem_problem = None, str(exc)
+            log.warning("%s", exc)
+        if stats is not None:
             mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device)
             std = torch.tensor(stats["std"], dtype=torch.float32, device=device)
-        default_steps = int(meta["config"].get("validation", {}).get("ddim_steps", 50))
+        default_steps = int(rep.config.get("validation", {}).get("ddim_steps", 50))
         return cls(
-            autoencoder=autoencoder,
+            autoencoder=ae.net,
             unet=ldm.unet,
             encoder=encoder,
             shift=shift,
             schedule=ldm.schedule,
             scale_factor=ldm.scale_factor,
-            spacing=ae_cfg["data"]["spacing"],
-            shape=tuple(int(s) for s in ae_cfg["data"]["shape"]),
+            spacing=ae.config["data"]["spacing"],
+            shape=tuple(int(s) for s in ae.config["data"]["shape"]),
             latent_shape=tuple(ldm.latent_shape),
             ysem_mean=mean,
             ysem_std=std,
             steps=int(steps or default_steps),
             run=Path(run),
-            checkpoints={"autoencoder": str(ae_ckpt), "diffusion": str(ldm_ckpt), "representation": str(rep_ckpt)},
+            checkpoints={"autoencoder": str(ae.path), "diffusion": str(ldm.checkpoint), "representation": str(rep.path)},
+            metadata={"autoencoder": ae.meta, "diffusion": ldm.meta, "representation": rep.meta},
+            fingerprints=fingerprints,
+            ysem_problem=ysem_problem,
         )
 
     @property
@@ -192,6 +215,8 @@ class LDAE(ModelReadyInput):
                    steps: int | None = None) -> Tensor:
         """Move y_sem along a unit ``direction`` (in the space of y_sem normalised by the training-set
         mean/std) by each α, keep z_T; returns ``(len(alphas), B, 1, D, H, W)``."""
+        if self.ysem_problem:
+            raise CheckpointError(self.ysem_problem)
         if self.ysem_mean is None or self.ysem_std is None:
             raise CheckpointError("this run has no y_sem statistics (ysem_stats.json beside the representation "
                                   "checkpoint): rerun stage 3 or its post-training step")
@@ -212,32 +237,17 @@ class LDAE(ModelReadyInput):
         return self.decode(y_sem, z_T, steps)
 
 
-def _check_same_diffusion(meta: dict, ldm: Any, rep_ckpt: Path, ldm_ckpt: Path) -> None:
-    """CheckpointError unless the representation stage is loaded on the diffusion model it was trained on
-    (same UNet configuration and, when recorded, the same weights)."""
-    from ldae.nets.weights import weights_fingerprint
 
-    unet_cfg = meta.get("unet_config")
-    if unet_cfg is not None and dict(unet_cfg) != dict(ldm.unet.config):
-        raise CheckpointError(
-            f"{rep_ckpt}: was trained on a diffusion UNet of another configuration (preset "
-            f"'{meta.get('preset')}') than the one in {ldm_ckpt} (preset '{ldm.cfg.get('preset')}')"
-        )
-    expected = meta.get("diffusion_fingerprint")
-    if expected and expected != weights_fingerprint(ldm.unet):
-        raise CheckpointError(
-            f"{rep_ckpt}: was trained on other diffusion weights than those in {ldm_ckpt} "
-            "(weights fingerprint differs): retrain stage 3 on this diffusion model or restore the original one"
-        )
+def _recorded(meta: StageMetadata, stage: str) -> str | None:
+    """The weights fingerprint that ``meta`` recorded for its upstream ``stage`` (None: not recorded)."""
+    ref = meta.upstream.get(stage)
+    return ref.fingerprint if ref else None
 
 
-def _existing(path: str | None, run: str | Path, stage: str) -> Path:
-    """A checkpoint named inside another checkpoint, or the run folder's own when that path moved."""
-    from ldae.runs import find_checkpoint
-
-    if path and Path(path).is_file():
-        return Path(path)
-    try:
-        return find_checkpoint(Path(run).parent if Path(run).is_file() else run, stage)
-    except CheckpointError:
-        raise CheckpointError(f"{stage} checkpoint {path!r} (named by the next stage) not found, and none in {run}") from None
+def volume_affine(spacing: float | Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """RAS affine of a generated model-ready volume: ``spacing`` mm voxels, centred on the origin
+    (generated volumes have no source scan whose affine could be kept)."""
+    sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    affine = np.diag([*sp, 1.0])
+    affine[:3, 3] = -0.5 * sp * (np.asarray(shape, dtype=np.float64) - 1.0)
+    return affine

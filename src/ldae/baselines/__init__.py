@@ -1,4 +1,5 @@
-"""Baselines of the paper's tables 5 and 7, trained as ``ldae fit`` stages.
+"""Baselines of the paper's tables 5 and 7: networks and inference (no Lightning). They are trained as
+``ldae fit`` stages by :mod:`ldae.training.voxel_dae` and :mod:`ldae.training.supervised`.
 
 - ``voxel_dae``: a DiffAE-style diffusion autoencoder in voxel space (the same 2.5D semantic encoder and
   a y-conditioned 3D UNet on the images themselves), the model LDAE is compared with for speed and
@@ -7,7 +8,6 @@
   the linear probes (:mod:`ldae.baselines.supervised`).
 
 Both expose a ``semantic(x)`` inference call so that the evaluation suite runs the same probes on them.
-Modules are imported lazily (they pull in Lightning).
 """
 
 from __future__ import annotations

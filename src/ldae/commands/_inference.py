@@ -14,7 +14,7 @@ import numpy as np
 def add_common(p: argparse.ArgumentParser, scans: str = "+") -> None:
     """``scans="+"``: any number of scans, also from ``--csv``, shared out over ``--devices`` processes;
     otherwise exactly ``scans`` positional scans in one process."""
-    from ldae.commands.compress import add_parallel_arguments
+    from ldae.commands._args import add_parallel_arguments
 
     p.add_argument("--model", required=True, help="LDAE run folder (or a representation checkpoint)")
     batch = scans == "+"

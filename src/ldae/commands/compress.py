@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ldae.commands._args import add_parallel_arguments
+
 HELP = "encode every scan of a cohort to its latent (posterior mean) with a trained autoencoder"
-
-
-def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
-    """``--devices`` / ``--num-nodes``: data-parallel inference processes (see ldae.distributed)."""
-    p.add_argument("--devices", type=int, default=1,
-                   help="processes per node, one per device (default 1; >1 launches DDP: gloo on CPU, NCCL on GPU)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes (with torchrun/srun; default 1)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldae.data.latents import read_latent_meta
     from ldae.distributed import is_main_process
-    from ldae.jobs.compress import compress, read_latent_meta
+    from ldae.jobs.compress import compress
     from ldae.runs import find_checkpoint
 
     ckpt = find_checkpoint(args.autoencoder, "autoencoder")

@@ -19,36 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:i]")
 
 
-def _autoencoder_checkpoint(args: argparse.Namespace, recorded: str | None):
-    from pathlib import Path
-
-    from ldae.errors import CheckpointError
-    from ldae.runs import find_checkpoint
-
-    if args.autoencoder:
-        return Path(args.autoencoder)
-    if recorded and Path(recorded).is_file():
-        return Path(recorded)
-    try:
-        return find_checkpoint(args.model, "autoencoder")
-    except CheckpointError:
-        raise CheckpointError(
-            f"{args.model}: the autoencoder checkpoint recorded by the diffusion model ({recorded}) is missing "
-            "and none was found in the run folder: pass --autoencoder CKPT"
-        ) from None
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
 
+    from ldae.checkpoints import UpstreamNotFound, load_latent_diffusion
     from ldae.distributed import resolve_device
     from ldae.errors import ConfigError
     from ldae.io import write_nifti
+    from ldae.model import volume_affine
     from ldae.runs import find_checkpoint
-    from ldae.training.autoencoder import load_autoencoder
-    from ldae.training.latent_diffusion import load_latent_diffusion, volume_affine
     from ldae.viz import save_mosaic
 
     if args.n < 1:
@@ -58,10 +39,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = find_checkpoint(args.model, "diffusion")
     ldm = load_latent_diffusion(ckpt, device)
-    autoencoder, ae_cfg = load_autoencoder(_autoencoder_checkpoint(args, ldm.autoencoder_checkpoint), device)
+    try:  # the autoencoder the latents came from (or --autoencoder), its fingerprint checked
+        ae = ldm.load_autoencoder(device, path=args.autoencoder)
+    except UpstreamNotFound as exc:
+        raise UpstreamNotFound(f"{exc}: pass --autoencoder CKPT") from None
+    autoencoder = ae.net
     model = Path(args.model)
     out = Path(args.out) if args.out else (model / "generated" if model.is_dir() else ckpt.parent.parent / "generated")
-    affine = volume_affine(ae_cfg["data"]["spacing"], ae_cfg["data"]["shape"])
+    affine = volume_affine(ae.config["data"]["spacing"], ae.config["data"]["shape"])
 
     generator = torch.Generator().manual_seed(args.seed)
     latents = ldm.sample(args.n, steps=args.steps, eta=args.eta, generator=generator, progress=True)

@@ -18,7 +18,9 @@ The AD-vs-CN probe uses only CN and AD rows (MCI and any other label are dropped
 result); the positive class is AD. Its result also carries the probe direction in the *original*
 embedding space (unit vector ``coef / std``: moving ``y_sem`` along it raises P(AD)) and the
 standardisation used, so manipulation can reuse it. :func:`save_probes` / :func:`load_probes` store both
-fitted probes as JSON (exact float round trip) for :func:`predict_probes` on new embeddings.
+fitted probes as JSON (exact float round trip) for :func:`predict_probes` on new embeddings, together
+with the weights fingerprint of the semantic encoder whose y_sem they were fitted on:
+:func:`check_probes_fitted_on` refuses probes of another (retrained or foreign) representation checkpoint.
 """
 
 from __future__ import annotations
@@ -447,9 +449,12 @@ def _model_part(result: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def save_probes(path: str | Path, ad_vs_cn: dict[str, Any], age: dict[str, Any]) -> Path:
+def save_probes(path: str | Path, ad_vs_cn: dict[str, Any], age: dict[str, Any],
+                encoder_fingerprint: str | None = None, representation_checkpoint: str | Path | None = None) -> Path:
     """Atomically write both fitted probes as JSON (coefficients, intercepts, standardisation, classes,
-    chosen hyper-parameters, test metrics) for :func:`predict_probes`."""
+    chosen hyper-parameters, test metrics) for :func:`predict_probes`, with the weights fingerprint of
+    the semantic encoder they were fitted on (``LDAE.fingerprints['semantic_encoder']``) and the
+    representation checkpoint it came from (informational)."""
     ad_keys = (
         "coef",
         "intercept",
@@ -469,6 +474,10 @@ def save_probes(path: str | Path, ad_vs_cn: dict[str, Any], age: dict[str, Any])
         | {"metrics": {k: ad_vs_cn[k] for k in metric_keys if k in ad_vs_cn}},
         "age": _model_part(age, age_keys) | {"metrics": {k: age[k] for k in metric_keys if k in age}},
     }
+    if encoder_fingerprint is not None:
+        obj["encoder_fingerprint"] = str(encoder_fingerprint)
+    if representation_checkpoint is not None:
+        obj["representation_checkpoint"] = str(representation_checkpoint)
     return write_json(path, obj)
 
 
@@ -490,6 +499,29 @@ def load_probes(path: str | Path) -> dict[str, Any]:
             if key in obj[part]:
                 obj[part][key] = np.asarray(obj[part][key], dtype=np.float64)
     return obj
+
+
+def check_probes_fitted_on(probes: dict[str, Any], encoder_fingerprint: str, source: str | Path | None = None) -> bool:
+    """LDAEError (one line) when ``probes`` were fitted on another semantic encoder than the one with
+    weights fingerprint ``encoder_fingerprint`` (stale probes of a retrained run, or another run's).
+    Returns False, after a logged warning, for probes written before fingerprints were recorded (they
+    cannot be checked), True when they match."""
+    import logging
+
+    recorded = probes.get("encoder_fingerprint")
+    name = source or "probes"
+    if not recorded:
+        logging.getLogger(__name__).warning(
+            "%s: the probes do not record which representation checkpoint they were fitted on, so they cannot "
+            "be checked against this model; rerun `ldae evaluate` to tie them to it", name)
+        return False
+    if recorded != encoder_fingerprint:
+        fitted = probes.get("representation_checkpoint")
+        on = f" ({fitted})" if fitted else ""
+        raise LDAEError(f"{name}: the probes were fitted on another representation checkpoint{on} than this "
+                        "model's (semantic encoder weights fingerprint differs): rerun `ldae evaluate` on this "
+                        "run or pass its own --probes")
+    return True
 
 
 def predict_probes(probes: dict[str, Any], X: Any) -> tuple[np.ndarray, np.ndarray]:

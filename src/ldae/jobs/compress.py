@@ -6,11 +6,12 @@ Writes into ``out_dir``::
                                           key 'autoencoder_sha256': the checkpoint it came from
     cohort_with_compressed_latent.csv     the cohort + 'latent_path' + subject-level 'split'
     latent_meta.json                      scale_factor (= 1 / std of the train split's latents), latent
-                                          shape/mean/std, checkpoint path + sha256, spacing, shape
+                                          shape/mean/std, checkpoint path + sha256, the autoencoder's
+                                          weights fingerprint, spacing, shape
 
-Later stages multiply latents by ``scale_factor`` (read with :func:`read_latent_meta`); nothing hard-codes
-it. A rerun skips a latent whose NPZ is newer than both its image and the checkpoint and records the
-same checkpoint hash.
+Later stages multiply latents by ``scale_factor`` (read with :func:`ldae.data.latents.read_latent_meta`);
+nothing hard-codes it. A rerun skips a latent whose NPZ is newer than both its image and the checkpoint
+and records the same checkpoint hash.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ import pandas as pd
 import torch
 
 from ldae.data.cohort import DEFAULT_LABELS, ensure_split, read_cohort, write_cohort
+from ldae.data.latents import LATENT_DIR
 from ldae.errors import CohortError
 from ldae.io import write_json, write_npz
 from ldae.runs import COMPRESSED_CSV, LATENT_META
 
 log = logging.getLogger(__name__)
-
-LATENT_DIR = "latents"
-META_REQUIRED = ("scale_factor", "latent_shape")  # what the later stages need; compress writes more
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -119,14 +118,16 @@ def compress(
     """
     from torch.utils.data import DataLoader
 
+    from ldae.checkpoints import load_autoencoder
     from ldae.data.datamodule import VolumeDataset
     from ldae.distributed import launch
     from ldae.nets.autoencoder import latent_shape
-    from ldae.training.autoencoder import load_autoencoder
+    from ldae.nets.weights import weights_fingerprint
 
     ckpt = Path(autoencoder_ckpt).resolve()
     workers = launch(device, devices, num_nodes)
     net, cfg = load_autoencoder(ckpt, device=workers.device)
+    fingerprint = weights_fingerprint(net)  # recorded by the next stages, checked whenever a run is loaded
     data = cfg["data"]
     spacing, shape = data["spacing"], [int(s) for s in data["shape"]]
     expected = latent_shape(cfg["model"], shape)
@@ -164,15 +165,15 @@ def compress(
 
     def write_meta() -> None:
         if workers.is_main:
-            _write_meta(df, csv, ckpt, sha, expected, spacing, shape, out, len(todo))
+            _write_meta(df, csv, ckpt, sha, fingerprint, expected, spacing, shape, out, len(todo))
 
     workers.together(encode_mine)  # a failure on any process stops all of them
     workers.together(write_meta)
     return out / COMPRESSED_CSV
 
 
-def _write_meta(df: pd.DataFrame, csv: str | os.PathLike, ckpt: Path, sha: str, expected: Sequence[int],
-                spacing: Any, shape: list[int], out: Path, encoded: int) -> None:
+def _write_meta(df: pd.DataFrame, csv: str | os.PathLike, ckpt: Path, sha: str, fingerprint: str,
+                expected: Sequence[int], spacing: Any, shape: list[int], out: Path, encoded: int) -> None:
     """The scale factor from the train split's latents, ``latent_meta.json`` and the compressed CSV."""
     train = df[df["split"] == "train"]
     stats = latent_statistics(train["latent_path"], expected)
@@ -184,6 +185,7 @@ def _write_meta(df: pd.DataFrame, csv: str | os.PathLike, ckpt: Path, sha: str, 
         "latent_shape": list(expected),
         "autoencoder_checkpoint": str(ckpt),
         "autoencoder_sha256": sha,
+        "autoencoder_fingerprint": fingerprint,
         "spacing": spacing,
         "shape": shape,
         "cohort_csv": str(Path(csv).resolve()),
@@ -228,42 +230,3 @@ def latent_statistics(paths: Sequence[str] | pd.Series, expected_shape: Sequence
     if var <= 0:
         raise CohortError("all train-split latents are constant: the latent scale factor is undefined")
     return {"mean": float(mean), "std": float(np.sqrt(var))}
-
-
-def read_latent_meta(csv_or_dir: str | os.PathLike) -> dict:
-    """The ``latent_meta.json`` beside a compressed cohort CSV (or in a folder / ``RUN/latents``), checked.
-
-    ``scale_factor`` (a positive number) and ``latent_shape`` (``[C, D, H, W]``) are required; a relative
-    ``autoencoder_checkpoint`` is resolved against the JSON's folder (None when absent). Raises
-    CohortError naming the file when it is absent, unreadable or invalid.
-    """
-    import json
-    import math
-
-    p = Path(csv_or_dir)
-    candidates = [p / LATENT_META, p / LATENT_DIR / LATENT_META] if p.is_dir() else [p.parent / LATENT_META]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise CohortError(f"{csv_or_dir}: no {LATENT_META} found (looked for {', '.join(map(str, candidates))}); "
-                          "run `ldae compress` first")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CohortError(f"{path}: cannot read latent metadata ({str(exc).splitlines()[0]})") from None
-    if not isinstance(meta, dict):
-        raise CohortError(f"{path}: expected a JSON object")
-    missing = [k for k in META_REQUIRED if k not in meta]
-    if missing:
-        raise CohortError(f"{path}: missing key(s) {', '.join(missing)}; rerun `ldae compress`")
-    scale = meta["scale_factor"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise CohortError(f"{path}: key 'scale_factor' must be a positive number, got {scale!r}")
-    shape = meta["latent_shape"]
-    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise CohortError(f"{path}: key 'latent_shape' must be [C, D, H, W] (positive ints), got {shape!r}")
-    ae = meta.get("autoencoder_checkpoint")
-    if ae:
-        ae_path = Path(ae).expanduser()
-        ae = str(ae_path if ae_path.is_absolute() else (path.parent / ae_path).resolve())
-    return {**meta, "scale_factor": float(scale), "latent_shape": [int(s) for s in shape],
-            "autoencoder_checkpoint": ae or None}

@@ -1,11 +1,34 @@
-"""Weights bookkeeping shared by every network: strict state-dict loading with a readable error, and a
-fingerprint naming exact weights (pure torch; used by the checkpoint format and by the nets' own loaders)."""
+"""Weights bookkeeping shared by every network: strict state-dict loading with a readable error, a
+fingerprint naming exact weights, and freezing a network for inference (pure torch; used by the
+checkpoint format, the training stages and the nets' own loaders).
+
+Frozen modules: a pretrained network used inside a trainable model must keep dropout off and norm
+statistics fixed. ``requires_grad_(False)`` is not enough: anything calling ``.train()`` on the parent
+(older Lightning versions at fit start, user code, some callbacks) recursively switches the frozen
+child back to training mode. :func:`freeze` therefore also marks the module, so that
+:class:`ldae.training.ema.FrozenEvalMixin` can put marked modules back in eval mode after ``train()``.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ldae.errors import CheckpointError
+
+FROZEN_ATTR = "_ldae_frozen"
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """No gradients, eval mode, and marked (see the module docstring); returns ``module``."""
+    module.requires_grad_(False)
+    module.eval()
+    setattr(module, FROZEN_ATTR, True)
+    return module
+
+
+def is_frozen(module: torch.nn.Module) -> bool:
+    """True for a module marked by :func:`freeze`."""
+    return bool(getattr(module, FROZEN_ATTR, False))
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

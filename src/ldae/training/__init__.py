@@ -1,4 +1,6 @@
-"""Training stages (LightningModules) and their ``fit(cfg, resume)`` entry points.
+"""Training stages (LightningModules) and their ``fit(cfg, resume)`` entry points: the three LDAE stages
+and the two baselines. Checkpoints are read back (without Lightning) by :mod:`ldae.checkpoints` and
+:mod:`ldae.baselines`.
 
 Each stage module exposes ``fit(cfg: dict, resume: bool = False) -> pathlib.Path`` returning the best
 checkpoint. The registry is lazy so that importing ``ldae.training`` stays cheap.
@@ -15,8 +17,8 @@ STAGE_MODULES: dict[str, str] = {
     "autoencoder": "ldae.training.autoencoder",
     "diffusion": "ldae.training.latent_diffusion",
     "representation": "ldae.training.representation",
-    "voxel_dae": "ldae.baselines.voxel_dae",
-    "supervised": "ldae.baselines.supervised",
+    "voxel_dae": "ldae.training.voxel_dae",
+    "supervised": "ldae.training.supervised",
 }
 
 

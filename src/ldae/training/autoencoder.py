@@ -27,8 +27,8 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL
 
-from ldae.checkpoints import load_checkpoint, stage_metadata
-from ldae.errors import CheckpointError, ConfigError
+from ldae.checkpoints import attach_metadata, stage_metadata
+from ldae.errors import ConfigError
 from ldae.metrics import reconstruction_metrics
 from ldae.nets.autoencoder import (
     build_autoencoder,
@@ -39,7 +39,6 @@ from ldae.nets.autoencoder import (
     latent_shape,
 )
 from ldae.nets.perceptual import build_perceptual_loss
-from ldae.nets.weights import load_state_dict_strict
 from ldae.training.common import (
     make_datamodule,
     prepare_run,
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "autoencoder"
 MONITOR = "val/ssim"
-STATE_PREFIX = "autoencoder."
 
 
 @contextlib.contextmanager
@@ -81,7 +79,7 @@ class AutoencoderModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.cfg = copy.deepcopy(cfg)
-        self.autoencoder: AutoencoderKL = build_autoencoder(cfg["model"])
+        self.autoencoder: AutoencoderKL = build_autoencoder(cfg["model"])  # weights: checkpoints.AUTOENCODER_PREFIX
         self.discriminator = build_discriminator(cfg["discriminator"])
         self.adversarial = PatchAdversarialLoss(criterion="least_squares")
         self._perceptual = [perceptual] if perceptual is not None else []  # a list hides it from nn.Module
@@ -240,9 +238,8 @@ class AutoencoderModule(pl.LightningModule):
                     title=f"epoch {self.current_epoch}: SSIM {ssim:.3f}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = stage_metadata(self.cfg, STAGE)
-        meta["latent_shape"] = list(latent_shape(self.cfg["model"], self.cfg["data"]["shape"]))
-        checkpoint["ldae"] = meta
+        shape = list(latent_shape(self.cfg["model"], self.cfg["data"]["shape"]))
+        attach_metadata(checkpoint, stage_metadata(self.cfg, STAGE, latent_shape=shape))
 
 
 def lr_factor(epoch: int, max_epochs: int, schedule: str = "constant", min_factor: float = 0.0) -> float:
@@ -292,20 +289,3 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     module = AutoencoderModule(cfg, perceptual=perceptual.loss)
     return train(module, datamodule, cfg, out, resume_ckpt, MONITOR, "max")
 
-
-def load_autoencoder(ckpt_path: str | Path, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, dict]:
-    """The trained AutoencoderKL of a stage-1 checkpoint (strict load, eval mode, parameters frozen)
-    and the run's resolved config. CheckpointError for another stage's checkpoint or a weight mismatch."""
-    ckpt = load_checkpoint(ckpt_path, stage=STAGE)
-    cfg = ckpt["ldae"].get("config")
-    state = ckpt.get("state_dict")
-    if not isinstance(cfg, dict) or not isinstance(state, dict):
-        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its config or state_dict")
-    model_cfg = dict(cfg["model"], init_weights=None)  # the trained weights replace any init file
-    net = build_autoencoder(model_cfg)
-    weights = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
-    load_state_dict_strict(net, weights, str(ckpt_path))
-    net.to(device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net, cfg

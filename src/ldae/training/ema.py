@@ -3,11 +3,9 @@
 ``EMA`` is an ``nn.Module`` holding a frozen copy of a model, so its weights travel with the owning
 LightningModule (device moves, ``state_dict``, checkpoints) under the prefix ``<name>.module.``.
 
-Frozen modules: a pretrained network used inside a trainable LightningModule must keep dropout off and
-norm statistics fixed. ``requires_grad_(False)`` is not enough: anything calling ``.train()`` on the
-parent (older Lightning versions at fit start, user code, some callbacks) recursively switches the
-frozen child back to training mode. :func:`freeze` marks a module, and :class:`FrozenEvalMixin` (put it
-first in a LightningModule's bases) re-applies ``eval()`` to marked modules after every ``train()``.
+Frozen modules (:func:`ldae.nets.weights.freeze`, re-exported here): :class:`FrozenEvalMixin` (put it
+first in a LightningModule's bases) re-applies ``eval()`` to modules marked by ``freeze`` after every
+``train()``, so that a frozen network inside a trained one keeps dropout off and norm statistics fixed.
 """
 
 from __future__ import annotations
@@ -18,19 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-FROZEN_ATTR = "_ldae_frozen"
+from ldae.nets.weights import freeze, is_frozen
 
-
-def freeze(module: nn.Module) -> nn.Module:
-    """No gradients, eval mode, and marked so that :class:`FrozenEvalMixin` keeps it in eval mode."""
-    module.requires_grad_(False)
-    module.eval()
-    setattr(module, FROZEN_ATTR, True)
-    return module
-
-
-def is_frozen(module: nn.Module) -> bool:
-    return bool(getattr(module, FROZEN_ATTR, False))
+__all__ = ["EMA", "EMAStepMixin", "FrozenEvalMixin", "adam_from_config", "freeze", "keep_frozen_eval"]
 
 
 def keep_frozen_eval(root: nn.Module) -> None:

@@ -10,15 +10,17 @@ by the trainer (``trainer.gradient_clip_val``); EMA of the UNet after every opti
 Validation: ``val/loss`` of the EMA UNet with fixed noise and timesteps (monitored for ``best.ckpt``),
 and every ``validation.sample_every_n_epochs`` epochs a few DDIM samples decoded through the autoencoder
 into ``figures/samples_epochNNN.png`` (latent channels are shown instead, with a logged notice, when no
-autoencoder can be loaded). Checkpoints carry the EMA weights (``ema.module.*``), the scale factor, the
-latent shape and the autoencoder checkpoint path under ``checkpoint['ldae']``.
+autoencoder can be loaded). Checkpoints carry the EMA weights (``ema.module.*``) and, as their
+:class:`ldae.checkpoints.StageMetadata`, the scale factor, the latent shape and the autoencoder the
+latents came from (path, path relative to the checkpoint, weights fingerprint from ``latent_meta.json``).
+The inference side (:class:`ldae.checkpoints.LatentDiffusion`) is loaded by
+:func:`ldae.checkpoints.load_latent_diffusion`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,20 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from ldae.checkpoints import load_checkpoint, stage_metadata
+from ldae.checkpoints import (
+    DIFFUSION_EMA_PREFIX,
+    UpstreamRef,
+    attach_metadata,
+    checkpoint_dir,
+    load_autoencoder,
+    stage_metadata,
+)
 from ldae.config import get_dotted
+from ldae.data.latents import read_latent_meta
 from ldae.diffusion.ddim import ddim_sample
 from ldae.diffusion.schedule import NoiseSchedule
-from ldae.errors import CheckpointError, ConfigError
-from ldae.jobs.compress import read_latent_meta
+from ldae.errors import ConfigError
 from ldae.nets.unet import LatentUNet, check_config
-from ldae.nets.weights import load_state_dict_strict
 from ldae.training.common import (
     check_ema_decay,
     make_datamodule,
@@ -41,13 +49,12 @@ from ldae.training.common import (
     require_sections,
     train,
 )
-from ldae.training.ema import EMA, EMAStepMixin, adam_from_config, freeze
+from ldae.training.ema import EMA, EMAStepMixin, adam_from_config
 
 log = logging.getLogger(__name__)
 
 STAGE = "diffusion"
 MONITOR = "val/loss"
-EMA_PREFIX = "ema.module."
 SECTIONS = ("data", "model", "diffusion", "ema", "optim", "validation", "trainer")
 
 
@@ -55,15 +62,10 @@ SECTIONS = ("data", "model", "diffusion", "ema", "optim", "validation", "trainer
 
 
 def load_autoencoder_or_none(ckpt: str | Path | None, device: torch.device | str) -> tuple[Any, dict] | None:
-    """``ldae.training.autoencoder.load_autoencoder(ckpt)`` or None (with a logged notice) when the stage-1
-    code or checkpoint is unavailable."""
+    """:func:`ldae.checkpoints.load_autoencoder` of ``ckpt``, or None (with a logged notice) when there is
+    no such checkpoint."""
     if not ckpt or not Path(ckpt).is_file():
         log.info("no autoencoder checkpoint (%s): sample figures show latent channels instead", ckpt)
-        return None
-    try:
-        from ldae.training.autoencoder import load_autoencoder
-    except ImportError as exc:
-        log.info("autoencoder loader unavailable (%s): sample figures show latent channels instead", exc)
         return None
     return load_autoencoder(ckpt, device)
 
@@ -80,18 +82,21 @@ class LatentDiffusionModule(EMAStepMixin, pl.LightningModule):
         scale_factor: float,
         latent_shape: list[int],
         autoencoder_checkpoint: str | None = None,
+        autoencoder_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.scale_factor = float(scale_factor)
         self.latent_shape = [int(s) for s in latent_shape]
         self.autoencoder_checkpoint = autoencoder_checkpoint
+        self.autoencoder_fingerprint = autoencoder_fingerprint
         self.unet = LatentUNet.from_config(cfg["model"])
         if self.unet.config["in_channels"] != self.latent_shape[0]:
             raise ConfigError(
                 f"config key 'model.in_channels' is {self.unet.config['in_channels']} but the latents have "
                 f"{self.latent_shape[0]} channels"
             )
+        # weights saved under checkpoints.DIFFUSION_EMA_PREFIX (what inference loads)
         self.ema = EMA(self.unet, decay=float(cfg["ema"]["decay"]), warmup=bool(cfg["ema"].get("warmup", False)))
         self.schedule = NoiseSchedule.from_config(cfg["diffusion"])
         self.out = Path(cfg["out"])
@@ -164,14 +169,13 @@ class LatentDiffusionModule(EMAStepMixin, pl.LightningModule):
         return adam_from_config(self.unet.parameters(), self.cfg["optim"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = stage_metadata(self.cfg, STAGE)
-        meta.update(
-            scale_factor=self.scale_factor,
-            latent_shape=self.latent_shape,
-            autoencoder_checkpoint=self.autoencoder_checkpoint,
-            ema_prefix=EMA_PREFIX,
-        )
-        checkpoint["ldae"] = meta
+        upstream = {}
+        if self.autoencoder_checkpoint:
+            upstream["autoencoder"] = UpstreamRef.to(self.autoencoder_checkpoint, checkpoint_dir(self.cfg),
+                                                     self.autoencoder_fingerprint)
+        attach_metadata(checkpoint, stage_metadata(
+            self.cfg, STAGE, scale_factor=self.scale_factor, latent_shape=self.latent_shape,
+            ema_prefix=DIFFUSION_EMA_PREFIX, upstream=upstream))
 
 
 # ---------------------------------------------------------------------- entry points
@@ -197,78 +201,8 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     datamodule = make_datamodule(LatentDataModule, cfg, latent_shape=meta["latent_shape"])
     datamodule.setup("fit")  # reads every latent: a bad NPZ fails here, before a run folder is created
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
-    module = LatentDiffusionModule(cfg, meta["scale_factor"], meta["latent_shape"], meta["autoencoder_checkpoint"])
+    module = LatentDiffusionModule(cfg, meta["scale_factor"], meta["latent_shape"], meta["autoencoder_checkpoint"],
+                                   meta.get("autoencoder_fingerprint"))
     out, resume_ckpt = prepare_run(cfg, resume)
     return train(module, datamodule, cfg, out, resume_ckpt, MONITOR, "min")
 
-
-@dataclass
-class LatentDiffusion:
-    """A trained latent DDPM for inference: EMA UNet (frozen, eval), schedule, latent scale."""
-
-    unet: LatentUNet
-    schedule: NoiseSchedule
-    scale_factor: float
-    latent_shape: tuple[int, ...]
-    autoencoder_checkpoint: str | None
-    cfg: dict
-    checkpoint: Path = field(default_factory=Path)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        steps: int = 50,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """``n`` unconditional latents in the autoencoder's (unscaled) latent space, ``(n, C, D, H, W)``.
-        ``generator`` (CPU) draws the starting noise and the η noise."""
-        z_T = torch.randn((int(n), *self.latent_shape), generator=generator).to(self.device)
-        noise_gen = None
-        if eta > 0:
-            noise_gen = torch.Generator(device=self.device).manual_seed(
-                int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            )
-        z = ddim_sample(self.unet, z_T, self.schedule, steps, eta=eta, generator=noise_gen, progress=progress)
-        return z / self.scale_factor
-
-
-def load_latent_diffusion(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
-    """The EMA UNet of a stage-2 checkpoint (strict load, frozen, eval) with its schedule and scale
-    factor. CheckpointError for another stage's checkpoint or mismatching weights."""
-    ckpt = load_checkpoint(ckpt_path, stage=STAGE)
-    meta = ckpt["ldae"]
-    cfg, state = meta.get("config"), ckpt.get("state_dict")
-    if not isinstance(cfg, dict) or not isinstance(state, dict) or "scale_factor" not in meta:
-        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its config, state_dict or scale_factor")
-    unet = LatentUNet.from_config(cfg["model"])
-    prefix = meta.get("ema_prefix", EMA_PREFIX)
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    load_state_dict_strict(unet, weights, f"{ckpt_path} (EMA weights)")
-    freeze(unet.to(device))
-    return LatentDiffusion(
-        unet=unet,
-        schedule=NoiseSchedule.from_config(cfg["diffusion"]),
-        scale_factor=float(meta["scale_factor"]),
-        latent_shape=tuple(int(s) for s in meta["latent_shape"]),
-        autoencoder_checkpoint=meta.get("autoencoder_checkpoint"),
-        cfg=cfg,
-        checkpoint=Path(ckpt_path),
-    )
-
-
-def volume_affine(spacing: float | list[float], shape: list[int]) -> Any:
-    """RAS affine of a generated model-ready volume: ``spacing`` mm voxels, centred on the origin
-    (generated volumes have no source scan whose affine could be kept)."""
-    import numpy as np
-
-    sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
-    affine = np.diag([*sp, 1.0])
-    affine[:3, 3] = -0.5 * sp * (np.asarray(shape, dtype=np.float64) - 1.0)
-    return affine

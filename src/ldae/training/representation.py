@@ -10,7 +10,9 @@ Validation: the weighted loss of the EMA models; SSIM of *semantic-only* reconst
 scan, random z_T) and of *encoded* reconstructions (z_T by conditional DDIM inversion), both against
 the autoencoder's reconstruction of the scan — the semantic-only SSIM selects the best checkpoint.
 After training, the mean/std of y_sem over the training split are stored beside the checkpoints
-(``ysem_stats.json``) for manipulation.
+(``ysem_stats.json``) for manipulation. Checkpoints name the diffusion model and the autoencoder they
+were trained on (paths relative to the checkpoint and weights fingerprints, see :mod:`ldae.checkpoints`);
+inference loads them with :func:`ldae.checkpoints.load_representation`.
 """
 
 from __future__ import annotations
@@ -23,47 +25,61 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ldae.checkpoints import load_checkpoint, stage_metadata
+from ldae.checkpoints import (
+    YSEM_STATS,
+    UpstreamRef,
+    attach_metadata,
+    checkpoint_dir,
+    load_latent_diffusion,
+    load_representation,
+    open_checkpoint,
+    stage_metadata,
+)
 from ldae.config import get_dotted
+from ldae.data.latents import read_latent_meta
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
 from ldae.diffusion.pdae import guided_eps_fn, pdae_loss
 from ldae.distributed import is_main_process
 from ldae.errors import CheckpointError, ConfigError
 from ldae.io import write_json
 from ldae.nets.semantic_encoder import build_semantic_encoder
-from ldae.nets.weights import load_state_dict_strict, weights_fingerprint
+from ldae.nets.weights import freeze, weights_fingerprint
 from ldae.training.common import (
     make_datamodule,
     prepare_run,
     require_sections,
     train,
 )
-from ldae.training.ema import EMA, EMAStepMixin, adam_from_config, freeze
+from ldae.training.ema import EMA, EMAStepMixin, adam_from_config
 
 log = logging.getLogger(__name__)
 
 STAGE = "representation"
 MONITOR = "val/ssim_semantic"
 SECTIONS = ("data", "model", "loss", "ema", "optim", "validation", "trainer")
-YSEM_STATS = "ysem_stats.json"
 
 
 class RepresentationModule(EMAStepMixin, pl.LightningModule):
     """Semantic encoder + gradient estimator trained on a frozen latent DDPM."""
 
-    def __init__(self, cfg: dict, diffusion_checkpoint: str) -> None:
+    def __init__(self, cfg: dict, diffusion_checkpoint: str, diffusion: Any = None) -> None:
+        """``diffusion``: the frozen latent DDPM already in memory (a :class:`ldae.checkpoints.LatentDiffusion`,
+        e.g. the benchmark's random one); by default it is loaded from ``diffusion_checkpoint``."""
         super().__init__()
-        from ldae.training.latent_diffusion import load_latent_diffusion
-
         self.cfg = cfg
         self.diffusion_checkpoint = str(diffusion_checkpoint)
-        ldm = load_latent_diffusion(diffusion_checkpoint)
+        ldm = diffusion if diffusion is not None else load_latent_diffusion(diffusion_checkpoint)
         self._ldm = [ldm]  # a list: kept out of children/state_dict, never put in train mode
         self.diffusion_fingerprint = weights_fingerprint(ldm.unet)  # LDAE.load checks it
         self.schedule = ldm.schedule
         self.scale_factor = ldm.scale_factor
         self.latent_shape = list(ldm.latent_shape)
-        self.autoencoder_checkpoint = ldm.autoencoder_checkpoint
+        try:  # the autoencoder the diffusion model names (found beside it, or where it was trained)
+            self.autoencoder_checkpoint: str | None = str(ldm.find_autoencoder())
+        except CheckpointError:
+            self.autoencoder_checkpoint = None
+        self.autoencoder_fingerprint = ldm.autoencoder_fingerprint
+        # weights saved under checkpoints.REPRESENTATION_PREFIXES (EMA copies: what inference loads)
         self.encoder = build_semantic_encoder(cfg["model"]["semantic_encoder"])
         self.shift = ldm.unet.make_shift_decoder(self.encoder.emb_dim)
         decay, warmup = float(cfg["ema"]["decay"]), bool(cfg["ema"].get("warmup", False))
@@ -102,15 +118,10 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
 
     # ---------------------------------------------------------------- validation
     def autoencoder(self) -> torch.nn.Module:
+        """The autoencoder the diffusion model was trained on (fingerprint checked): validation decodes
+        through it."""
         if not self._autoencoder:
-            from ldae.training.autoencoder import load_autoencoder
-
-            if not self.autoencoder_checkpoint or not Path(self.autoencoder_checkpoint).is_file():
-                raise CheckpointError(
-                    f"autoencoder checkpoint {self.autoencoder_checkpoint!r} (named by the diffusion checkpoint) "
-                    "not found: stage-3 validation decodes through it"
-                )
-            self._autoencoder.append(load_autoencoder(self.autoencoder_checkpoint, self.device)[0])
+            self._autoencoder.append(self._ldm[0].load_autoencoder(self.device).net)
         return self._autoencoder[0]
 
     def on_validation_epoch_start(self) -> None:
@@ -155,17 +166,13 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = stage_metadata(self.cfg, STAGE)
-        meta.update(
-            diffusion_checkpoint=self.diffusion_checkpoint,
-            diffusion_fingerprint=self.diffusion_fingerprint,
-            autoencoder_checkpoint=self.autoencoder_checkpoint,
-            scale_factor=self.scale_factor,
-            latent_shape=self.latent_shape,
-            emb_dim=self.encoder.emb_dim,
-            unet_config=dict(self.unet.config),
-        )
-        checkpoint["ldae"] = meta
+        where = checkpoint_dir(self.cfg)
+        upstream = {"diffusion": UpstreamRef.to(self.diffusion_checkpoint, where, self.diffusion_fingerprint)}
+        if self.autoencoder_checkpoint:
+            upstream["autoencoder"] = UpstreamRef.to(self.autoencoder_checkpoint, where, self.autoencoder_fingerprint)
+        attach_metadata(checkpoint, stage_metadata(
+            self.cfg, STAGE, scale_factor=self.scale_factor, latent_shape=self.latent_shape,
+            emb_dim=self.encoder.emb_dim, unet_config=dict(self.unet.config), upstream=upstream))
 
 
 def _validate(cfg: dict) -> None:
@@ -179,19 +186,16 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"config key 'loss.repeats': expected an integer >= 1, got {repeats!r}")
 
 
-def _image_geometry(autoencoder_checkpoint: str | None) -> tuple[Any, list[int]]:
+def _image_geometry(module: RepresentationModule) -> tuple[Any, list[int]]:
     """Spacing and shape of the volumes the autoencoder was trained on (the encoder sees the same)."""
-    ckpt = load_checkpoint(autoencoder_checkpoint, stage="autoencoder") if autoencoder_checkpoint else None
-    if ckpt is None:
-        raise CheckpointError("the diffusion checkpoint names no autoencoder checkpoint")
-    data = ckpt["ldae"]["config"]["data"]
+    ldm = module._ldm[0]
+    data = open_checkpoint(ldm.find_autoencoder(), "autoencoder").config["data"]
     return data["spacing"], [int(s) for s in data["shape"]]
 
 
 def fit(cfg: dict, resume: bool = False) -> Path:
     """Train stage 3; return ``out/checkpoints/best.ckpt`` (highest semantic-only validation SSIM)."""
     from ldae.data.datamodule import ImageLatentDataModule
-    from ldae.jobs.compress import read_latent_meta
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
@@ -199,7 +203,7 @@ def fit(cfg: dict, resume: bool = False) -> Path:
     meta = read_latent_meta(data["csv"])
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     module = RepresentationModule(cfg, cfg["diffusion_checkpoint"])
-    spacing, shape = _image_geometry(module.autoencoder_checkpoint)
+    spacing, shape = _image_geometry(module)
     n_slices = int(cfg["model"]["semantic_encoder"]["num_slices"])
     if n_slices != shape[-1]:
         raise ConfigError(f"model.semantic_encoder.num_slices is {n_slices} but the volumes have {shape[-1]} "
@@ -216,7 +220,8 @@ def fit(cfg: dict, resume: bool = False) -> Path:
 
 @torch.no_grad()
 def save_ysem_stats(best: Path, datamodule: Any, path: Path) -> Path:
-    """Mean and std of the (EMA) encoder's y_sem over the training split, for manipulation."""
+    """Mean and std of the (EMA) encoder's y_sem over the training split, for manipulation (with the
+    encoder's weights fingerprint, so that statistics of another checkpoint are refused)."""
     encoder, _ = load_representation(best)
     ys = []
     for batch in datamodule.loader("train", False, datamodule.eval_batch_size):
@@ -224,26 +229,5 @@ def save_ysem_stats(best: Path, datamodule: Any, path: Path) -> Path:
     y = torch.cat(ys).double()
     std = y.std(dim=0, unbiased=False).clamp_min(1e-8) if len(y) > 1 else torch.ones(y.shape[1], dtype=y.dtype)
     return write_json(path, {"mean": y.mean(dim=0).tolist(), "std": std.tolist(), "n": int(len(y)),
-                             "checkpoint": str(best)})
-
-
-def load_representation(ckpt_path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """``(semantic encoder, shift decoder)`` of a stage-3 checkpoint (EMA weights by default), strict load,
-    frozen and in eval mode. Returns modules only; the frozen UNet comes from the diffusion checkpoint
-    named in ``checkpoint['ldae']['diffusion_checkpoint']``."""
-    from ldae.nets.unet import ShiftDecoder
-
-    ckpt = load_checkpoint(ckpt_path, stage=STAGE)
-    meta, state = ckpt["ldae"], ckpt.get("state_dict")
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict) or not isinstance(state, dict):
-        raise CheckpointError(f"{ckpt_path}: checkpoint lacks its config or state_dict")
-    encoder = build_semantic_encoder(cfg["model"]["semantic_encoder"], load_pretrained=False)
-    shift = ShiftDecoder(dict(meta["unet_config"]), int(meta["emb_dim"]))
-    enc_prefix, shift_prefix = ("ema_encoder.module.", "ema_shift.module.") if ema else ("encoder.", "shift.")
-    load_state_dict_strict(encoder, {k[len(enc_prefix):]: v for k, v in state.items() if k.startswith(enc_prefix)},
-                           f"{ckpt_path} (semantic encoder)")
-    load_state_dict_strict(shift, {k[len(shift_prefix):]: v for k, v in state.items() if k.startswith(shift_prefix)},
-                           f"{ckpt_path} (gradient estimator)")
-    return freeze(encoder.to(device)), freeze(shift.to(device))
+                             "checkpoint": str(best), "encoder_fingerprint": weights_fingerprint(encoder)})
 
