@@ -127,7 +127,7 @@ def test_user_config_inherits_and_rejects_unknown_keys(tmp_path: Path) -> None:
     assert pp.load_preprocess_config(good)["n4"]["enabled"] is False
     bad = tmp_path / "bad.yaml"
     bad.write_text("n4:\n  enabeld: false\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'n4.enabeld'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'n4.enabeld' \(known here: enabled, iterations"):
         pp.load_preprocess_config(bad)
 
 
@@ -389,6 +389,8 @@ def test_cli_print_config_and_bad_override(capsys) -> None:
 
 
 def test_environment_leaves_itk_threads_configurable() -> None:
+    from ldae.jobs.preprocess.batch import _threads_per_worker
+
     cfg = pp.load_preprocess_config()
-    assert pp._threads_per_worker(cfg, workers=os.cpu_count() or 1) >= 1
-    assert pp._threads_per_worker(dict(cfg, threads=3), workers=2) == 3
+    assert _threads_per_worker(cfg, workers=os.cpu_count() or 1) >= 1
+    assert _threads_per_worker(dict(cfg, threads=3), workers=2) == 3

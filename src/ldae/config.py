@@ -5,12 +5,17 @@ A preset file may name a parent with ``_inherit: <preset>/<stage>.yaml`` (relati
 ``paper``. Overrides such as ``--trainer.max_epochs 3`` replace one leaf; the key must already exist (a
 typo is an error, not a silently ignored setting), except that ``trainer`` also takes any other Lightning
 ``Trainer`` argument (``--trainer.strategy ddp``). The fully resolved config is saved beside every run.
+
+:func:`load_settings` is the one loader of every settings file: the stage presets, ``preprocess.yaml``,
+``synth.yaml`` and ``bench.yaml`` (packaged defaults, an optional user YAML whose keys must all exist in
+the defaults, then strict overrides); every unknown key is reported by :func:`unknown_key` in one wording.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,14 @@ import yaml
 from ldae.errors import ConfigError
 from ldae.io import write_text
 
+#: the packaged presets (``configs/<preset>/<stage>.yaml``): the paper's settings and two smaller ones
 PRESETS = ("paper", "small", "tiny")
+#: the method's three training stages, in the order they are trained
 STAGES = ("autoencoder", "diffusion", "representation")
+#: the baselines (paper tables 5 and 7), trained like a stage from their own preset files
+BASELINES = ("voxel_dae", "supervised")
+#: every config ``stage`` that ``ldae fit`` trains
+TRAINABLE_STAGES = STAGES + BASELINES
 INHERIT_KEY = "_inherit"
 
 
@@ -105,9 +116,51 @@ def load_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(load_config(parent_path, _seen + (path,)), data)
 
 
-def load_preset(preset: str, stage: str) -> dict:
-    """Resolved packaged preset for one stage."""
-    return load_config(preset_path(preset, stage))
+def load_preset(preset: str, stage: str, overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> dict:
+    """Resolved packaged preset for one stage, with strict dotted overrides (:func:`load_settings`)."""
+    return load_settings(preset_path(preset, stage), overrides=overrides)
+
+
+def load_settings(
+    defaults: str | Path,
+    path: str | Path | None = None,
+    overrides: Sequence[str] | Sequence[tuple[str, Any]] = (),
+    open_sections: Sequence[str] = (),
+) -> dict:
+    """The one settings loader: ``defaults`` (a YAML file, ``_inherit`` resolved), deep-merged with the
+    user's YAML at ``path`` (which may ``_inherit`` the defaults), then the dotted ``overrides``.
+
+    Strict: a key of the user file that the defaults do not have is a ConfigError naming the file and the
+    key (:func:`check_known_keys`), except inside ``open_sections`` (dotted names of mappings whose keys
+    are free, e.g. a table of named sources); an override must name an existing key (:func:`set_dotted`).
+    Values are checked by the caller, which knows what they mean.
+    """
+    cfg = load_config(defaults)
+    if path is not None:
+        user = load_config(path)
+        check_known_keys(user, cfg, source=str(path), open_sections=open_sections)
+        cfg = deep_merge(cfg, user)
+    return apply_overrides(cfg, list(overrides)) if overrides else cfg
+
+
+def unknown_key(key: str, known: Iterable[str], source: str | None = None, also: str = "") -> ConfigError:
+    """The ConfigError for an unknown dotted ``key`` (one wording everywhere): ``[source: ]unknown config
+    key 'a.b' (known here: x, y[also])``, listing the keys that exist at that level."""
+    names = ", ".join(sorted(known)) or "none"
+    where = f"{source}: " if source else ""
+    return ConfigError(f"{where}unknown config key '{key}' (known here: {names}{also})")
+
+
+def check_known_keys(user: dict, reference: dict, source: str | None = None, prefix: str = "",
+                     open_sections: Sequence[str] = ()) -> None:
+    """Raise :func:`unknown_key` for the first key of ``user`` (recursively) that ``reference`` lacks:
+    a typo in a settings file is an error, never a silently ignored setting."""
+    for key, value in user.items():
+        dotted = f"{prefix}{key}"
+        if key not in reference:
+            raise unknown_key(dotted, reference, source)
+        if isinstance(value, dict) and isinstance(reference[key], dict) and dotted not in open_sections:
+            check_known_keys(value, reference[key], source, f"{dotted}.", open_sections)
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
@@ -148,9 +201,8 @@ def set_dotted(cfg: dict, key: str, value: Any, strict: bool = True) -> None:
         node = node[part]
     leaf = parts[-1]
     if strict and leaf not in node and not (parts[:-1] == ["trainer"] and leaf in trainer_arguments()):
-        known = ", ".join(sorted(node)) or "none"
         also = "; or any lightning Trainer argument" if parts[:-1] == ["trainer"] else ""
-        raise ConfigError(f"unknown config key '{key}' (known here: {known}{also})")
+        raise unknown_key(key, node, also=also)
     node[leaf] = value
 
 

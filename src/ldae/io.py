@@ -14,6 +14,24 @@ from typing import Any
 
 import numpy as np
 
+#: file-name endings of NIfTI volumes (longest first, so that ``.nii.gz`` is stripped whole)
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti_name(path: str | os.PathLike) -> bool:
+    """Whether the file name ends in ``.nii`` or ``.nii.gz``."""
+    return Path(path).name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without ``.nii.gz`` / ``.nii`` (another name loses its last suffix): the base of every
+    output named after an input scan (``scan.nii.gz`` -> ``scan_latent.npz``, ``scan_qc.png``, ...)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ldae.io import nifti_stem
+
 
 def add_common(p: argparse.ArgumentParser, scans: str = "+") -> None:
     """``scans="+"``: any number of scans, also from ``--csv``, shared out over ``--devices`` processes;
@@ -35,7 +37,7 @@ def scan_list(args: argparse.Namespace) -> list[tuple[str, str]]:
     LDAEError when there are none or two would write the same outputs."""
     from ldae.errors import LDAEError
 
-    items = [(scan_name(s), str(s)) for s in args.scans]
+    items = [(nifti_stem(s), str(s)) for s in args.scans]
     if getattr(args, "csv", None):
         from ldae.data.cohort import read_cohort
 
@@ -67,15 +69,6 @@ def load(args: argparse.Namespace):
             yield name, vol, affine
 
     return model, items(), workers
-
-
-def scan_name(path: str | Path) -> str:
-    """File name without ``.nii(.gz)``."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
 
 
 def save_volume(out: Path, name: str, volume: Any, affine: np.ndarray) -> Path:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ldae.config import apply_overrides, configs_root, deep_merge, dump_config, load_config
+from ldae.config import configs_root, dump_config, load_settings
 from ldae.data.synthetic_anatomy import random_field
 from ldae.data.synthetic_params import (
     _STREAM_ACQ_BIAS,
@@ -65,16 +65,9 @@ def default_config_path() -> Path:
 
 
 def load_synth_config(path: str | Path | None = None, overrides: Sequence[str] | Sequence[tuple] = ()) -> dict:
-    """Packaged defaults, deep-merged with the YAML at ``path`` (if any), then dotted overrides (strict)."""
-    cfg = load_config(default_config_path())
-    if path is not None:
-        user = load_config(path)
-        unknown = sorted(set(user) - set(cfg))
-        if unknown:
-            raise ConfigError(f"{path}: unknown synth config section(s): {', '.join(unknown)}")
-        cfg = deep_merge(cfg, user)
-    if overrides:
-        cfg = apply_overrides(cfg, list(overrides))
+    """Packaged defaults, deep-merged with the YAML at ``path`` (if any), then dotted overrides; strict keys
+    (:func:`ldae.config.load_settings`; the table of contrast sources takes new names)."""
+    cfg = load_settings(default_config_path(), path, overrides, open_sections=("intensity.tissue.sources",))
     _validate(cfg)
     return cfg
 

@@ -37,19 +37,19 @@ The registration parameters live in :class:`VolumetryConfig` (built from the eva
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ldae.data.ants import remove_transforms, require_ants, seeded, set_worker_threads
+from ldae.data.ants import to_ants as _image_to_ants
 from ldae.data.templates import CEREBRA_LABELS
 from ldae.errors import ConfigError, LDAEError
 
@@ -58,7 +58,6 @@ REGIONS: dict[str, tuple[str, ...]] = {
     "hippocampus": ("hippocampus",),
 }
 LABEL_MODES = ("fractional", "nearest")
-ANTS_HINT = "install ANTsPy with `pip install 'antspyx>=0.4'` (or `pip install ldae[preprocess]`)"
 
 
 @dataclass(frozen=True)
@@ -119,11 +118,7 @@ class VolumetryConfig:
 
 
 def _ants():
-    try:
-        import ants
-    except ImportError:
-        raise LDAEError(f"volumetry needs ANTsPy: {ANTS_HINT}") from None
-    return ants
+    return require_ants("volumetry")
 
 
 @lru_cache(maxsize=1)
@@ -160,10 +155,8 @@ def template_volumes() -> dict[str, float]:
 
 
 def to_ants(volume: np.ndarray, affine: np.ndarray) -> Any:
-    """An ANTs image from an XYZ array and its RAS 4x4 affine (via nibabel, which handles RAS -> LPS)."""
-    import nibabel as nib
-
-    ants = _ants()
+    """An ANTs image from an XYZ array (leading singleton axes allowed) and its RAS 4x4 affine, after
+    checking that there is something to register (:func:`ldae.data.ants.to_ants` converts)."""
     vol = np.asarray(volume, dtype=np.float32)
     while vol.ndim > 3 and vol.shape[0] == 1:
         vol = vol[0]
@@ -176,9 +169,8 @@ def to_ants(volume: np.ndarray, affine: np.ndarray) -> Any:
     aff = np.asarray(affine, dtype=np.float64)
     if aff.shape != (4, 4) or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
         raise LDAEError(f"volumetry: affine must be an invertible 4x4 matrix, got shape {aff.shape}")
-    img = nib.Nifti1Image(vol, aff)
-    img.header.set_xyzt_units("mm", "sec")
-    return ants.from_nibabel_nifti(img)
+    _ants()
+    return _image_to_ants(vol, aff)
 
 
 def registration_grid(image: Any, config: VolumetryConfig) -> Any:
@@ -188,25 +180,6 @@ def registration_grid(image: Any, config: VolumetryConfig) -> Any:
         spacing = (config.registration_spacing_mm,) * 3
         return ants.resample_image(image, spacing, use_voxels=False, interp_type=4)
     return image
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """ANTsPy reads its registration seed (``--random-seed``) from ``ants.config``; set it for one call."""
-    ants = _ants()
-    previous = ants.config._random_seed
-    ants.config._random_seed = seed
-    try:
-        yield
-    finally:
-        ants.config._random_seed = previous
-
-
-def _cleanup(reg: dict[str, Any]) -> None:
-    """Delete the transform files ANTs wrote to the temporary folder."""
-    for path in set(reg.get("fwdtransforms", [])) | set(reg.get("invtransforms", [])):
-        if isinstance(path, str):
-            Path(path).unlink(missing_ok=True)
 
 
 def register_template(image: Any, config: VolumetryConfig) -> dict[str, Any]:
@@ -225,7 +198,7 @@ def register_template(image: Any, config: VolumetryConfig) -> dict[str, Any]:
         "aff_smoothing_sigmas": tuple(config.affine_smoothing_sigmas),
         **config.extra,
     }
-    with _seeded(config.seed):
+    with seeded(config.seed):
         return ants.registration(fixed=fixed, moving=moving, **kwargs)
 
 
@@ -269,7 +242,7 @@ def measure_volumes(
         for region, mask in tpl["masks"].items():
             frac = ants.apply_transforms(image, mask, tx, interpolator="linear").numpy()
             out[f"{region}_ml"] = float(np.clip(frac, 0.0, 1.0).sum()) * voxel_ml
-    _cleanup(reg)
+    remove_transforms(reg)
     out["seconds"] = time.perf_counter() - start
     if return_labels:
         out["labels"] = np.rint(label_map).astype(np.int16)
@@ -309,7 +282,7 @@ def measure_volume_changes(
         )
         for region, mask in tpl["masks"].items()
     }
-    _cleanup(reg)
+    remove_transforms(reg)
     for region, f in fractions.items():
         if f.sum() <= 0:
             raise LDAEError(
@@ -319,7 +292,7 @@ def measure_volume_changes(
     for i, volume in enumerate(moved):
         start = time.perf_counter()
         moving = registration_grid(to_ants(volume, affine), config)
-        with _seeded(config.seed):
+        with seeded(config.seed):
             r = ants.registration(
                 fixed=grid,
                 moving=moving,
@@ -330,7 +303,7 @@ def measure_volume_changes(
             )
         warp = next(t for t in r["fwdtransforms"] if t.endswith((".nii.gz", ".nii")))
         jac = ants.create_jacobian_determinant_image(grid, warp).numpy()
-        _cleanup(r)
+        remove_transforms(r)
         res = {
             f"{region}_change_pct": float((f * jac).sum() / f.sum() - 1.0) * 100.0
             for region, f in fractions.items()
@@ -343,11 +316,6 @@ def measure_volume_changes(
 
 
 # ------------------------------------------------------------------------------------------------ batch
-def _init_worker(threads: int) -> None:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-
-
 def _measure_item(item: Any, config_dict: dict[str, Any]) -> dict[str, Any]:
     config = VolumetryConfig(**config_dict)
     if isinstance(item, (str, os.PathLike)):
@@ -403,7 +371,7 @@ def measure_volumes_batch(
         else:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+                workers, mp_context=ctx, initializer=set_worker_threads, initargs=(threads,)
             ) as ex:
                 futures = {ex.submit(_measure_item, item, cfg): i for i, item in enumerate(items)}
                 from concurrent.futures import as_completed

@@ -31,7 +31,7 @@ import torch
 from ldae.data.cohort import DEFAULT_LABELS, ensure_split, read_cohort, write_cohort
 from ldae.data.latents import LATENT_DIR
 from ldae.errors import CohortError
-from ldae.io import write_json, write_npz
+from ldae.io import nifti_stem, write_json, write_npz
 from ldae.runs import COMPRESSED_CSV, LATENT_META
 
 log = logging.getLogger(__name__)
@@ -46,19 +46,10 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def image_stem(path: str | os.PathLike) -> str:
-    """File name without ``.nii.gz`` / ``.nii`` (or any other suffix)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def latent_names(df: pd.DataFrame) -> list[str]:
     """NPZ names ``<stem>_latent.npz``; when stems repeat across folders they are prefixed with
     ``<subject>_M<session>_`` (CohortError if still not unique)."""
-    stems = [image_stem(p) for p in df["path"]]
+    stems = [nifti_stem(p) for p in df["path"]]
     if len(set(stems)) < len(stems):
         stems = [f"{s}_M{int(m):03d}_{stem}" for s, m, stem in zip(df["subject"], df["session"], stems)]
         if len(set(stems)) < len(stems):

@@ -142,7 +142,8 @@ def check_scan(path: str | Path, spacing: float | Sequence[float] | None = None,
 def preprocess_scans(scans: Sequence[str | Path], workdir: str | Path, config: str | Path | None = None,
                      progress: bool = True) -> list[Path]:
     """Raw T1s -> model-ready NIfTIs in ``workdir`` (the ``ldae preprocess`` pipeline; needs ANTsPy)."""
-    from ldae.jobs.preprocess import load_preprocess_config, nifti_stem, preprocess_scan, require_ants
+    from ldae.io import nifti_stem
+    from ldae.jobs.preprocess import load_preprocess_config, preprocess_scan, require_ants
 
     try:
         require_ants()
@@ -247,7 +248,7 @@ def predict(
                 age_parts.append(a)
                 y_parts.append(y)
                 advance(len(chunk))
-    from ldae.jobs.preprocess import nifti_stem
+    from ldae.io import nifti_stem
 
     ad = probe_obj["ad_vs_cn"]
     classes = list(ad.get("classes", ["CN", "AD"]))
