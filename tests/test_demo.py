@@ -36,12 +36,20 @@ def test_demo_end_to_end_miniature(tmp_path: Path, capsys: pytest.CaptureFixture
     gt_auc = metrics["cohort"]["ground_truth_auc"]  # null when the cohort is too small to cross-validate
     assert metrics["cohort"]["subjects"] == 16 and (gt_auc is None or 0.0 <= gt_auc <= 1.0)
     aims = metrics["aims"]
-    assert len(aims) == 3 and all(isinstance(a["met"], bool) and isinstance(a["value"], float) for a in aims)
+    assert all(isinstance(a["met"], bool) for a in aims) and all(isinstance(a["value"], float) for a in aims[:3])
     learned = metrics["probe"]["learned"]["ad_vs_cn"]["auc"]
     assert aims[1]["value"] == pytest.approx(learned - metrics["probe"]["untrained"]["ad_vs_cn"]["auc"])
-    assert printed.count("met]") == 3 and "report:" in printed
+    # beside the AUC and SSIM aims: LDAE vs each interpolation baseline, and one signed check per arm and structure
+    interp = [a for a in aims if a["aim"].startswith("LDAE interpolation")]
+    assert len(interp) == 3 and all(a["met"] == (a["interval"] is not None and a["interval"][0] > 0) for a in interp)
+    checks = metrics["manipulation"]["checks"]
+    man = [a for a in aims if a["aim"].startswith("manipulation")]
+    assert len(man) == sum(len(checks.get(arm) or {}) for arm in ("cn_to_ad", "ad_to_cn")) > 0
+    assert len(aims) == 3 + len(interp) + len(man)
+    assert printed.count("met]") == len(aims) and "report:" in printed
     html = (out / "report.html").read_text()
     assert "Aims of the demo" in html and "stages: representation" in html and html.count("data:image/png;base64,") >= 6
+    assert "Direction checks" in html and "Which beats which" in html
 
     # a rerun resumes: every stage is already done, only the report is rewritten
     assert main(["demo", "--out", str(out), "--subjects", "16", *MINI]) == 0

@@ -37,12 +37,31 @@ def test_metrics_schema(evaluation: Path):
         assert ad["auc_ci95"] is None or 0.0 <= ad["auc_ci95"][0] <= ad["auc_ci95"][1] <= 1.0
         assert m["probe"][name]["ad_vs_cn"]["positive_class"] == "AD"
         assert "age" in m["factors"][name] and -10 < m["factors"][name]["age"]["r2"] <= 1
-    for method in ("ldae", "nearest_visit", "latent_lerp"):
-        assert set(m["interpolation"][method]) >= {"ssim", "mse", "n_triplets"}
+    methods = ("ldae", "nearest_visit", "ldae_nearest_visit", "latent_lerp", "autoencoder_target")
+    assert list(m["interpolation"]) == list(methods)
+    for method in methods:
+        assert set(m["interpolation"][method]) >= {"ssim", "mse", "n_triplets", "by_time_gap"}
         assert m["interpolation"][method]["n_triplets"] > 0
+    comparison = m["interpolation_comparison"]
+    assert comparison["reference"].startswith("input scan") and set(comparison["methods"]) == set(methods)
+    pairs = {(p["method"], p["versus"], p["metric"]): p for p in comparison["pairs"]}
+    assert len(pairs) == 10 * 2  # every pair of the five methods, SSIM and MSE
+    for versus in methods[1:]:
+        p = pairs["ldae", versus, "ssim"]
+        assert p["winner"] in ("ldae", versus, None) and set(p["by_time_gap"]) == set(m["interpolation"]["ldae"]["by_time_gap"])
+        assert p["ci95"] is None or p["ci95"][0] <= p["mean_difference"] <= p["ci95"][1]
+        ldae, other = m["interpolation"]["ldae"]["ssim"], m["interpolation"][versus]["ssim"]
+        assert p["mean_difference"] == pytest.approx(ldae - other)  # same triplets for every method
     for a in ("0", "2"):
         assert set(m["manipulation"]["ad_to_cn"][a]) == {"ventricle_change_pct", "hippocampus_change_pct"}
     assert m["manipulation"]["ad_to_cn"]["0"]["ventricle_change_pct"] == 0.0
+    checks = m["manipulation"]["checks"]
+    assert checks["min_gap_fraction"] == 0.25 and isinstance(checks["passed"], bool)
+    for arm in ("cn_to_ad", "ad_to_cn"):
+        for region, c in checks[arm].items():
+            change = m["manipulation"][arm]["2"][f"{region}_change_pct"]
+            assert c["change_pct"] == pytest.approx([0.0, change])
+            assert c["passed"] == (c["signed"] and c["monotonic"] and c["large_enough"] is True)
     for png in ("lda.png", "variations.png", "interpolation_strip.png", "interpolation.png",
                 "manipulation_ad_to_cn.png", "manipulation_volumes.png"):
         assert (evaluation / png).stat().st_size > 1000, png
@@ -76,6 +95,7 @@ def test_report_is_self_contained(evaluation: Path, tiny_run: Path, tmp_path: Pa
     assert html.count("data:image/png;base64,") >= 6
     assert "src=\"http" not in html and "<script" not in html
     assert "Linear probes" in html and "Reconstruction" in html
+    assert "Which beats which" in html and "Direction checks" in html and "ldae_nearest_visit" in html
 
 
 @pytest.mark.slow
@@ -112,7 +132,7 @@ def test_factor_section_probes_present_numeric_columns_only() -> None:
     import numpy as np
     import pandas as pd
 
-    from ldae.evaluation.evaluate import factor_section
+    from ldae.evaluation.sections.probing import factor_section
 
     rng = np.random.default_rng(0)
     n = 60
@@ -121,7 +141,7 @@ def test_factor_section_probes_present_numeric_columns_only() -> None:
     X = rng.normal(size=(n, 6))
     df = pd.DataFrame({"subject": subject, "split": split, "size": X[:, 0] * 2 + 1,
                        "noise": rng.normal(size=n), "partial": np.where(np.arange(n) == 5, np.nan, 1.0)})
-    out = factor_section({"learned": X}, df, ["size", "noise", "partial", "absent"], seed=0)
+    out = factor_section({"learned": X}, df, ["size", "noise", "partial", "absent"], seed=0).to_json()
     assert set(out["learned"]) == {"size", "noise"}
     assert out["learned"]["size"]["r2"] > 0.95 and out["learned"]["noise"]["r2"] < 0.2
     assert out["skipped"] == {"partial": "missing or non-numeric values", "absent": "not a cohort column"}
@@ -130,7 +150,7 @@ def test_factor_section_probes_present_numeric_columns_only() -> None:
 def test_other_subject_rows_pairs_every_row_with_another_subject() -> None:
     import pandas as pd
 
-    from ldae.evaluation.evaluate import other_subject_rows
+    from ldae.evaluation.sections.reconstruction import other_subject_rows
 
     subject = pd.Series(["a", "a", "a", "b", "c", "c"], index=[10, 11, 12, 13, 14, 15])
     rows = [10, 11, 12, 13, 14, 15]

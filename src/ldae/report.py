@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ldae.config import STAGES
 from ldae.io import write_text
 from ldae.runs import stage_dir
 
@@ -61,7 +62,7 @@ def training_curves(run: Path, out: Path) -> list[tuple[Path, str]]:
     from ldae.evaluation.plots import plot_training_curves
 
     figs = []
-    for stage in ("autoencoder", "diffusion", "representation"):
+    for stage in STAGES:
         csv = stage_dir(run, stage) / "logs" / "metrics.csv"
         if csv.is_file():
             figs.append((plot_training_curves(out / f"curves_{stage}.png", csv, title=stage), f"{stage}: training curves"))
@@ -96,6 +97,52 @@ def _recon_rows(recon: dict) -> list[list[Any]]:
     return rows
 
 
+def _interpolation_parts(interp: dict, comparison: dict) -> list[str]:
+    """Per-method scores (overall and by time gap) and the paired comparisons of the missing-visit task."""
+    if not interp:
+        return []
+    methods = comparison.get("methods") or {}
+    gaps: list[str] = []
+    for v in interp.values():
+        gaps += [g for g in v.get("by_time_gap", {}) if g not in gaps]
+    rows = [[k, methods.get(k, ""), v.get("ssim"), v.get("mse"), v.get("n_triplets"),
+             *[v.get("by_time_gap", {}).get(g, {}).get("ssim") for g in gaps]] for k, v in interp.items()]
+    parts = [_table(["method", "what", "SSIM", "MSE", "triplets", *[f"SSIM, gap {g} mo" for g in gaps]], rows, 4)]
+    if comparison.get("reference"):
+        parts.append(f'<p class="muted">every prediction scored against the {html.escape(comparison["reference"])}</p>')
+    pairs = [p for p in comparison.get("pairs", []) if p["metric"] == "ssim"]
+    if pairs:
+        parts.append("<h3>Which beats which (SSIM, paired on the same triplets)</h3>")
+        rows = [[p["method"], p["versus"], p["mean_difference"], _ci(p["ci95"], 4), p["winner"] or "no clear difference",
+                 ", ".join(f"{g}: {b['winner'] or '='}" for g, b in p.get("by_time_gap", {}).items())] for p in pairs]
+        parts.append(_table(["method", "versus", "mean ΔSSIM", "95% CI", "winner", "winner by time gap (months)"],
+                            rows, 4))
+        parts.append(f'<p class="muted">{html.escape(comparison.get("interval", ""))}</p>')
+    return parts
+
+
+def _manipulation_check_parts(checks: dict, alphas: list) -> list[str]:
+    """The signed, sized direction checks of the manipulation (one row per arm and structure)."""
+    rows = []
+    for arm in ("cn_to_ad", "ad_to_cn"):
+        for region, c in (checks.get(arm) or {}).items():
+            rows.append([arm.replace("_to_", " → ").upper(), region, c["expected"],
+                         c["change_pct"][-1] if c["change_pct"] else None, c["gap_pct"], c["fraction_of_gap_per_alpha"],
+                         c["fraction_of_gap_at_max_alpha"], c["scans_in_expected_direction"], c["signed"],
+                         c["monotonic"], c["passed"], c["reason"] or None])
+    if not rows:
+        return []
+    top = f"{max(alphas):g}" if alphas else "max"
+    return [f"<h3>Direction checks (passed overall: {_fmt(checks.get('passed'))})</h3>",
+            _table(["arm", "structure", "expected", f"Δ% at α={top}", "cohort gap %", "gap fraction / unit α",
+                    f"gap fraction at α={top}", "scans the right way", "right sign", "monotonic", "passed", "why not"],
+                   rows, 3),
+            f'<p class="muted">gap = the cohort\'s own change from the source to the target group\'s mean volume '
+            f"({html.escape(str(checks.get('gap_source', '')))}); a check passes when every α moves the structure the "
+            f"expected way, the changes never turn back, and α={top} covers at least "
+            f"{_fmt(checks.get('min_gap_fraction'))} of the gap.</p>"]
+
+
 def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_summary: dict | None = None,
                  title: str = "LDAE run report") -> Path:
     """Write ``out_html`` for a run folder whose evaluation is done; ``metrics`` = the merged metrics."""
@@ -123,8 +170,14 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     parts.append('<div class="kpi">' + "".join(f"<div><b>{_fmt(v)}</b>{html.escape(k)}</div>" for k, v in kpis) + "</div>")
     if "aims" in metrics:
         parts.append("<h2>Aims of the demo</h2>")
-        parts.append(_table(["aim", "test split", "train-split CV", "met (both)"],
-                            [[a["aim"], a["value"], a.get("value_cv"), a["met"]] for a in metrics["aims"]]))
+        parts.append(_table(["aim", "value (test split)", "train-split CV", "95% CI", "met", "why not"],
+                            [[a["aim"], a["value"], a.get("value_cv"), _ci(a.get("interval")), a["met"],
+                              a.get("note")] for a in metrics["aims"]]))
+        parts.append('<p class="muted">AUC aims are met only when the test split and the train-split CV both meet '
+                     "them; interpolation aims when the whole 95% interval (bootstrap over test subjects) of LDAE's "
+                     "paired SSIM advantage lies above zero; manipulation aims when the structure moves the disease's "
+                     "way at every α, never turns back, and the largest α covers the stated fraction of the cohort's "
+                     "own AD−CN volume difference.</p>")
 
     parts.append("<h2>Cohort</h2>")
     if cohort_summary:
@@ -153,10 +206,7 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     parts.append(_img(ev / "variations.png", "fixed y_sem, new z_T: the semantic vector keeps the anatomy"))
     parts.append("<h2>Interpolation and missing-timepoint prediction</h2>")
     parts.append(_img(ev / "interpolation_strip.png", "between two visits of one subject (LERP y_sem, SLERP z_T)"))
-    interp = metrics.get("interpolation", {})
-    if interp:
-        parts.append(_table(["method", "SSIM", "MSE", "triplets"],
-                            [[k, v.get("ssim"), v.get("mse"), v.get("n_triplets")] for k, v in interp.items()], 4))
+    parts += _interpolation_parts(metrics.get("interpolation", {}), metrics.get("interpolation_comparison") or {})
     parts.append(_img(ev / "interpolation.png", "predicted missing visit vs AE reconstruction, by gap and position"))
 
     parts.append("<h2>Manipulation along the AD↔CN probe direction</h2>")
@@ -170,6 +220,8 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
             parts.append(_table(["α", "ventricles Δ%", "hippocampus Δ%"], rows, 2))
         parts.append(_img(ev / f"manipulation_{name}.png", f"{name}: strip over α with difference maps"))
     parts.append(_img(ev / "manipulation_volumes.png", "regional volume change vs α (atlas propagation)"))
+    if man.get("checks"):
+        parts += _manipulation_check_parts(man["checks"], man.get("alphas") or [])
     if man.get("volumetry_check"):
         vc = man["volumetry_check"]
         parts.append(f'<p class="muted">volumetry vs ground truth on {vc["n_scans"]} real test scans: '

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = "Pipeline overrides pass through, e.g. --representation.trainer.max_epochs 10"
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     import json
 
     from ldae.jobs.demo import run_demo
@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = json.loads((report.parent / "metrics.json").read_text())
     for aim in metrics.get("aims", []):
         cv = f" (train-split CV: {aim['value_cv']:.3f})" if aim.get("value_cv") is not None else ""
-        print(f"[{'met' if aim['met'] else 'NOT met'}] {aim['aim']}: {aim['value']:.3f}{cv}")
+        value = "n/a" if aim.get("value") is None else f"{aim['value']:.3f}"
+        ci = f" [95% CI {aim['interval'][0]:.3f}, {aim['interval'][1]:.3f}]" if aim.get("interval") else ""
+        print(f"[{'met' if aim['met'] else 'NOT met'}] {aim['aim']}: {value}{ci}{cv}")
     print(f"total {metrics['timings_s']['total'] / 60:.1f} min; report: {report}")
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,4 +174,89 @@ def summarize_triplet_scores(
                 strata[str(level)] = _means(sub) | {"n": len(sub)}
             entry[key] = strata
         out[str(method)] = entry
+    return out
+
+
+# --------------------------------------------------------------------------------- paired comparisons
+BOOTSTRAP_REPLICATES = 2000
+
+
+def subject_bootstrap_mean_ci(values: Any, subject: Any, seed: int = 0, replicates: int = BOOTSTRAP_REPLICATES,
+                              level: float = 0.95) -> list[float] | None:
+    """Percentile interval of the mean of ``values`` over bootstrap samples of whole subjects.
+
+    A subject's rows (its triplets) are resampled together, because they share the subject's anatomy and
+    visits and are not independent. A replicate draws ``S`` subjects with replacement and takes
+    ``Σ_drawn sum_s / Σ_drawn n_s`` (the mean over the drawn rows, each subject's rows as often as it was
+    drawn). None with fewer than 2 subjects (no between-subject spread to resample)."""
+    v = np.asarray(values, dtype=np.float64)
+    uniq, inverse = np.unique(np.asarray(subject).astype(str), return_inverse=True)
+    if len(uniq) < 2:
+        return None
+    sums = np.bincount(inverse, weights=v, minlength=len(uniq))
+    counts = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
+    drawn = np.random.default_rng(seed).integers(0, len(uniq), size=(int(replicates), len(uniq)))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
+    tail = 100 * (1 - level) / 2
+    return [float(x) for x in np.percentile(means, [tail, 100 - tail])]
+
+
+def _paired_stats(diff: np.ndarray, subject: np.ndarray, higher_is_better: bool, a: str, b: str,
+                  seed: int) -> dict[str, Any]:
+    """Mean paired difference ``a - b``, its subject-bootstrap 95 % interval and the winner (the method
+    whose side of zero the whole interval lies on; None when the interval holds 0 or is undefined)."""
+    ci = subject_bootstrap_mean_ci(diff, subject, seed=seed)
+    winner = None
+    if ci is not None and (ci[0] > 0 or ci[1] < 0):
+        a_better = (ci[0] > 0) == higher_is_better
+        winner = a if a_better else b
+    return {"mean_difference": float(diff.mean()), "ci95": ci, "n_triplets": int(len(diff)),
+            "n_subjects": int(len(set(subject.tolist()))), "winner": winner}
+
+
+def compare_methods(
+    df_scores: pd.DataFrame,
+    methods: Sequence[str],
+    metrics: Mapping[str, bool],
+    seed: int = 0,
+    time_gap_edges: Sequence[float] = DEFAULT_TIME_GAP_EDGES,
+) -> list[dict[str, Any]]:
+    """Paired comparisons of every pair of ``methods`` on the same triplets, overall and per time gap.
+
+    ``df_scores`` is the per-(triplet, method) table that :func:`summarize_triplet_scores` summarises; ``metrics`` maps a
+    metric column to True when higher is better (SSIM) or False (MSE). For each pair ``(a, b)`` in the
+    order given (``a`` before ``b``) and each metric, the per-triplet difference ``a - b`` is averaged
+    and given a 95 % interval by :func:`subject_bootstrap_mean_ci`; ``winner`` names the method the whole
+    interval favours ("which beat which"), None when it holds zero. Returns one dict per (pair, metric):
+    ``{"method", "versus", "metric", "higher_is_better", "mean_difference", "ci95", "n_triplets",
+    "n_subjects", "winner", "by_time_gap": {bin: {the same statistics}}}``.
+    """
+    key = ["subject", "start_index", "target_index", "end_index"]
+    missing = [c for c in (*key, "time_gap_months", "method", *metrics) if c not in df_scores.columns]
+    if missing:
+        raise LDAEError(f"method comparison: scores table lacks column(s) {missing}")
+    present = [m for m in methods if (df_scores["method"] == m).any()]
+    wide = {}
+    for metric in metrics:
+        wide[metric] = df_scores.pivot_table(index=key, columns="method", values=metric, aggfunc="first")
+    gap_of = df_scores.drop_duplicates(key).set_index(key)["time_gap_months"]
+    out: list[dict[str, Any]] = []
+    for i, a in enumerate(present):
+        for b in present[i + 1 :]:
+            for metric, higher in metrics.items():
+                table = wide[metric][[a, b]].dropna()
+                if table.empty:
+                    continue
+                subject = np.asarray([k[0] for k in table.index]).astype(str)
+                diff = (table[a] - table[b]).to_numpy(dtype=np.float64)
+                entry = {"method": a, "versus": b, "metric": metric, "higher_is_better": bool(higher),
+                         **_paired_stats(diff, subject, higher, a, b, seed)}
+                gaps = gap_bin(gap_of.loc[table.index].to_numpy(), time_gap_edges)
+                strata: dict[str, Any] = {}
+                for level in gaps.cat.categories:
+                    mask = (gaps == level).to_numpy()
+                    if mask.any():
+                        strata[str(level)] = _paired_stats(diff[mask], subject[mask], higher, a, b, seed)
+                entry["by_time_gap"] = strata
+                out.append(entry)
     return out

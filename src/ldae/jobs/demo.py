@@ -8,13 +8,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ldae.config import configs_root, load_config
+from ldae.config import configs_root, load_settings
 from ldae.io import write_json
+from ldae.jobs.pipeline import DEFAULT_STEPS
 from ldae.runs import stage_dir
 
 log = logging.getLogger(__name__)
-STEP_FOLDERS = {"autoencoder": "autoencoder", "compress": "latents", "diffusion": "diffusion",
-                "representation": "representation", "evaluation": "evaluation"}
+#: what LDAE's interpolation must beat, in words (``aims.interpolation_must_beat``)
+BASELINE_WORDS = {"nearest_visit": "copying the nearest visit",
+                  "ldae_nearest_visit": "the LDAE reconstruction of the nearest visit",
+                  "latent_lerp": "LERP of the autoencoder latents",
+                  "autoencoder_target": "the autoencoder reconstruction of the missing visit"}
+REGION_WORDS = {"ventricle": "ventricles", "hippocampus": "hippocampus"}
+#: the run folder of each step of the pipeline the demo runs (compress writes the latents)
+STEP_FOLDERS = {step: "latents" if step == "compress" else step for step in DEFAULT_STEPS}
 
 
 def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
@@ -23,6 +30,12 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     The AUC aims are judged twice, on the test split (``value``) and on the train split's subject-grouped
     cross-validation (``value_cv``), and are met only when both estimates meet them: the demo's test split
     holds about a dozen AD/CN subjects, on which the AUC's 95 % interval is about ±0.4 wide.
+
+    Interpolation: for each baseline in ``aims.interpolation_must_beat``, LDAE's missing-visit SSIM minus the
+    baseline's (``value``, mean paired difference) must have its whole 95 % subject-bootstrap interval
+    (``interval``) above zero. Manipulation: one aim per arm and structure, ``value`` = the fraction of the
+    cohort's AD−CN gap covered at the largest α, met only when the evaluation's signed, sized check passed
+    (:func:`ldae.evaluation.sections.manipulation.check_arm`).
     """
     out = []
     probe = metrics.get("probe", {})
@@ -53,6 +66,22 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
         gap = recon["autoencoder"]["ssim"] - recon["ldae_encoded"][best]["ssim"]
         out.append({"aim": f"LDAE encoded SSIM ({best} steps) within {aims['ldae_vs_ae_ssim_gap_max']} of the autoencoder's (gap)",
                     "value": gap, "met": bool(gap <= aims["ldae_vs_ae_ssim_gap_max"])})
+    pairs = (metrics.get("interpolation_comparison") or {}).get("pairs") or []
+    for versus in aims.get("interpolation_must_beat") or []:
+        pair = next((p for p in pairs if p["method"] == "ldae" and p["versus"] == versus and p["metric"] == "ssim"), None)
+        if pair is not None:
+            out.append({"aim": f"LDAE interpolation SSIM above {BASELINE_WORDS.get(versus, versus)} "
+                               "(missing visit; paired difference, 95% CI over subjects above 0)",
+                        "value": pair["mean_difference"], "interval": pair["ci95"], "met": pair["winner"] == "ldae"})
+    man = metrics.get("manipulation") or {}
+    checks = man.get("checks") or {}
+    top = f"{max(man['alphas']):g}" if man.get("alphas") else "max"
+    for arm, words in (("cn_to_ad", "CN→AD"), ("ad_to_cn", "AD→CN")):
+        for region, c in (checks.get(arm) or {}).items():
+            out.append({"aim": f"manipulation {words}: {REGION_WORDS.get(region, region)} {c['expected']}, at α={top} at "
+                               f"least {checks.get('min_gap_fraction')} of the cohort's AD−CN gap (fraction)",
+                        "value": c["fraction_of_gap_at_max_alpha"], "met": bool(c["passed"]),
+                        **({"note": c["reason"]} if c.get("reason") else {})})
     return out
 
 
@@ -64,7 +93,7 @@ def run_demo(out: str | Path, seed: int | None = None, subjects: int | None = No
     from ldae.jobs.pipeline import run_pipeline
     from ldae.report import load_metrics, write_report
 
-    cfg = load_config(configs_root() / "demo.yaml")
+    cfg = load_settings(configs_root() / "demo.yaml")
     if seed is not None:
         cfg["seed"] = int(seed)
     out = Path(out)
