@@ -17,6 +17,29 @@ def test_help_lists_subcommands(capsys):
         assert name in out
 
 
+def test_every_subcommand_module_has_the_same_face():
+    """Each ``ldae.commands.<name>``: HELP, add_arguments(parser) and the entry function main(args), which
+    the CLI calls (no module keeps an entry function by another name); --preset lists config.PRESETS."""
+    import argparse
+    import importlib
+
+    from ldae.cli import COMMANDS, build_parser
+    from ldae.config import PRESETS
+
+    for module_name in COMMANDS.values():
+        module = importlib.import_module(module_name)
+        assert isinstance(module.HELP, str) and callable(module.add_arguments), module_name
+        assert callable(getattr(module, "main", None)) and not hasattr(module, "run"), module_name
+    parser, _ = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    with_presets = [name for name, p in subcommands.items()
+                    if any("--preset" in a.option_strings for a in p._actions)]
+    assert {"fit", "evaluate", "bench", "pipeline"} <= set(with_presets)
+    for name in with_presets:
+        option = next(a for a in subcommands[name]._actions if "--preset" in a.option_strings)
+        assert tuple(option.choices) == PRESETS, name
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])

@@ -91,3 +91,42 @@ def test_scientific_floats_in_yaml(tmp_path: Path):
     cfg = load_config(p)
     assert cfg == {"a": 1e-7, "b": 5e-5, "c": 1000.0, "d": 12, "e": 1.5}
     assert isinstance(cfg["a"], float) and isinstance(cfg["d"], int)
+
+
+def test_load_settings_is_strict_with_one_wording(tmp_path: Path):
+    from ldae.config import load_settings
+
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("a: {x: 1, y: [1, 2]}\nsources: {one: {gm: 0.8}}\nseed: 0\n")
+    user = tmp_path / "user.yaml"
+    user.write_text("a: {x: 5}\nsources: {two: {gm: 0.7}}\n")
+    cfg = load_settings(defaults, user, ["--seed", "3"], open_sections=("sources",))
+    assert cfg == {"a": {"x": 5, "y": [1, 2]}, "sources": {"one": {"gm": 0.8}, "two": {"gm": 0.7}}, "seed": 3}
+    # a typo in the user file, nested or not, names the file, the dotted key and what exists there
+    user.write_text("a: {z: 5}\n")
+    with pytest.raises(ConfigError, match=r"user.yaml: unknown config key 'a.z' \(known here: x, y\)$"):
+        load_settings(defaults, user)
+    user.write_text("sources: {two: {gm: 0.7}}\n")  # not an open section here
+    with pytest.raises(ConfigError, match=r"user.yaml: unknown config key 'sources.two' \(known here: one\)$"):
+        load_settings(defaults, user)
+    # an override is reported in the same words (without a file)
+    with pytest.raises(ConfigError, match=r"^unknown config key 'a.w' \(known here: x, y\)$"):
+        load_settings(defaults, overrides=["--a.w", "1"])
+    # a user file that inherits the defaults gets them all, and its own keys are still checked
+    user.write_text(f"_inherit: {defaults.name}\na: {{y: [3]}}\n")
+    assert load_settings(defaults, user)["a"] == {"x": 1, "y": [3]}
+
+
+def test_presets_and_stages_are_defined_once():
+    from ldae.config import BASELINES, PRESETS, STAGES, TRAINABLE_STAGES, configs_root
+    from ldae.runs import STAGE_DIRS
+    from ldae.training import STAGE_MODULES
+
+    assert STAGES == ("autoencoder", "diffusion", "representation")
+    assert TRAINABLE_STAGES == STAGES + BASELINES and tuple(STAGE_MODULES) == TRAINABLE_STAGES
+    assert set(TRAINABLE_STAGES) < set(STAGE_DIRS)
+    for preset in PRESETS:  # every preset has a file per trainable stage, and names itself and its stage
+        for stage in TRAINABLE_STAGES:
+            cfg = load_preset(preset, stage)
+            assert (cfg["preset"], cfg["stage"]) == (preset, stage)
+    assert sorted(p.name for p in configs_root().iterdir() if p.is_dir() and p.name in PRESETS) == sorted(PRESETS)

@@ -1,9 +1,9 @@
 """The ``ldae`` command line: parse, call the library, report user errors as one line (exit 2).
 
 Each subcommand lives in ``ldae.commands.<name>`` and defines ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int | None``; heavy imports (torch, MONAI) stay inside ``run`` so that ``ldae --help``
-is instant. A subcommand that accepts config overrides sets ``ACCEPTS_OVERRIDES = True`` and receives
-the unparsed ``--section.key VALUE`` pairs in ``args.overrides``.
+``main(args) -> int | None``, which :func:`main` here dispatches to; heavy imports (torch, MONAI) stay
+inside it so that ``ldae --help`` is instant. A subcommand that accepts config overrides sets
+``ACCEPTS_OVERRIDES = True`` and receives the unparsed ``--section.key VALUE`` pairs in ``args.overrides``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("ldae").setLevel(logging.DEBUG if args.debug else logging.INFO)
     _quiet_lightning()
     try:
-        code = module.run(args)  # type: ignore[attr-defined]
+        code = module.main(args)  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         print("ldae: interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ldae.config import STAGES
+from ldae.config import STAGES
 from ldae.io import write_text
 from ldae.runs import stage_dir
 

@@ -8,7 +8,9 @@ HELP = "benchmark the preset's networks on this device (UNet step, shared encode
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=("paper", "small", "tiny"), help="networks to build (default: configs/bench.yaml)")
+    from ldae.config import PRESETS
+
+    p.add_argument("--preset", choices=PRESETS, help="networks to build (default: configs/bench.yaml)")
     p.add_argument("--json", help="output JSON (default: configs/bench.yaml json, runs/bench/PRESET.json)")
     p.add_argument("--steps", type=int, help="DDIM steps each way of the reconstruction comparison "
                    "(default per preset in configs/bench.yaml; results are also extrapolated per step to the paper's 100)")
@@ -23,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-timeout", type=float, help="seconds before the torch.compile subprocess is killed (default 600)")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from ldae.io import write_json
     from ldae.jobs.bench import bench_config, options_from_config, print_table, run_bench
 

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="re-encode latents that are already up to date")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from ldae.data.latents import read_latent_meta
     from ldae.distributed import is_main_process
     from ldae.jobs.compress import compress

@@ -14,13 +14,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", default=None,
                    help="cohort CSV (default: RUN/latents/cohort_with_compressed_latent.csv)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/evaluation)")
-    p.add_argument("--preset", choices=["paper", "small", "tiny"], default=None,
+    from ldae.config import PRESETS
+
+    p.add_argument("--preset", choices=PRESETS, default=None,
                    help="evaluation preset (default: the run's preset)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="DDIM step counts of the recon table")
     p.epilog = "Other --section.key VALUE pairs override the evaluation config, e.g. --manipulation.max_scans 2"
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 

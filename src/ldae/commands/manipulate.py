@@ -36,7 +36,7 @@ def _direction(args: argparse.Namespace):
     return np.asarray(load_probes(path)["ad_vs_cn"]["coef"])
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ldae.viz import save_strip

@@ -45,7 +45,7 @@ def _print_table(result) -> None:
     Console().print(table)
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     import json
 
     from ldae.distributed import resolve_device

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "(defaults: ldae/configs/preprocess.yaml). Needs ANTsPy: pip install 'ldae[preprocess]'.")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

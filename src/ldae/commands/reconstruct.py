@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _inference.add_common(p)
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ldae.metrics import ssim3d

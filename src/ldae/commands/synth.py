@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "--cohort.visits '[2, 3]' or --intensity.noise gaussian (see ldae/configs/synth.yaml)")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     import math
 
     from ldae.data.synthetic import load_synth_config, synthesize

@@ -11,14 +11,14 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from ldae.config import TRAINABLE_STAGES
 from ldae.errors import ConfigError
 
+#: module of each stage, where not named after it
+_MODULE_NAMES = {"diffusion": "latent_diffusion"}
+#: the module whose ``fit`` trains each config ``stage`` (:data:`ldae.config.TRAINABLE_STAGES`)
 STAGE_MODULES: dict[str, str] = {
-    "autoencoder": "ldae.training.autoencoder",
-    "diffusion": "ldae.training.latent_diffusion",
-    "representation": "ldae.training.representation",
-    "voxel_dae": "ldae.training.voxel_dae",
-    "supervised": "ldae.training.supervised",
+    stage: f"ldae.training.{_MODULE_NAMES.get(stage, stage)}" for stage in TRAINABLE_STAGES
 }
 
 

@@ -213,7 +213,7 @@ def extract_brain(image, templates: Templates, cfg: dict, workdir: Path) -> tupl
     warped = ants.apply_transforms(
         fixed=work, moving=templates.mask, transformlist=inverse, whichtoinvert=invert, interpolator="linear"
     )
-    closing = int(round(float(be["closing_mm"]) / mask_spacing))
+    closing = round(float(be["closing_mm"]) / mask_spacing)
     mask_work = refine_mask(warped.numpy(), float(be["mask_threshold"]), closing)
     if not mask_work.any():
         raise LDAEError("brain extraction failed: the warped template mask is empty")
