@@ -156,13 +156,14 @@ def visible(folder: Path, pattern: str) -> list[Path]:
 # ---------------------------------------------------------------------- bad volumes
 
 
-def _write(path: Path, data: np.ndarray) -> None:
-    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+def _write(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
 
 
 def _ruin(path: Path, kind: str) -> None:
     """Replace a cohort volume by a broken one of the given kind."""
-    good = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    img = nib.load(str(path))
+    good, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine  # the broken file keeps its geometry
     if kind == "missing":
         path.unlink()
     elif kind == "truncated_gzip":
@@ -171,17 +172,17 @@ def _ruin(path: Path, kind: str) -> None:
     elif kind == "corrupt_gzip":
         path.write_bytes(gzip.compress(b"\x00garbage, not a NIfTI header" * 20))
     elif kind == "2d":
-        _write(path, good[:, :, 0])
+        _write(path, good[:, :, 0], affine)
     elif kind == "4d":
-        _write(path, np.stack([good, good], axis=-1))
+        _write(path, np.stack([good, good], axis=-1), affine)
     elif kind == "nan":
         good[3, 4, 5] = np.nan
-        _write(path, good)
+        _write(path, good, affine)
     elif kind == "inf":
         good[1, 1, 1] = np.inf
-        _write(path, good)
+        _write(path, good, affine)
     elif kind == "all_zero":
-        _write(path, np.zeros_like(good))
+        _write(path, np.zeros_like(good), affine)
     else:  # pragma: no cover
         raise ValueError(kind)
 
@@ -669,8 +670,14 @@ def test_pipeline_killed_resumes_by_itself(phantom_cohort: Path, tmp_path: Path)
     assert (stage_dir(out, "autoencoder") / "done.json").is_file()
     df = read_cohort(stage_dir(out, "latents") / COMPRESSED_CSV)
     assert all(Path(p).is_file() for p in df["latent_path"])
-    again = _run(args)  # everything done: both steps skipped
-    assert again.returncode == 0 and "autoencoder 0 s, compress 0 s" in again.stdout
+    again = _run(args)  # everything done: both steps skipped, keeping the seconds they took (issue 21)
+    secs = {step: json.loads((stage_dir(out, folder) / "done.json").read_text())["seconds"]
+            for step, folder in (("autoencoder", "autoencoder"), ("compress", "latents"))}
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"autoencoder {secs['autoencoder']:.0f} s (done before), compress {secs['compress']:.0f} s (done before)"
+            in again.stdout)
+    assert json.loads((out / "timings.json").read_text()) == pytest.approx(secs)
+    assert not (out / "ldae.lock").exists()
 
 
 @pytest.mark.slow

@@ -11,10 +11,22 @@ from ldae.runs import find_checkpoint
 from ldae.training.common import make_checkpoint_io, prepare_run
 
 
-def test_prepare_run_saves_config_and_guards_existing_runs(tmp_path: Path):
+def test_prepare_run_writes_nothing_and_guards_existing_runs(tmp_path: Path):
+    """prepare_run only checks (nothing is created before the model is built and a resume is validated);
+    start_run makes the folder, takes the lock and saves the config."""
+    from ldae.runs import LOCK_FILE
+    from ldae.training.common import start_run
+
     cfg = {"stage": "autoencoder", "out": str(tmp_path / "run"), "trainer": {"max_epochs": 1}}
     out, resume = prepare_run(cfg)
-    assert resume is None and (out / "config.yaml").is_file()
+    assert resume is None and not out.exists()
+    lock = start_run(cfg, out, None)
+    assert (out / "config.yaml").is_file() and (out / LOCK_FILE).is_file()
+    lock.release()
+    assert not (out / LOCK_FILE).exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="existing file"):
+        prepare_run(dict(cfg, out=str(tmp_path / "file")))
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
     with pytest.raises(ConfigError, match="--resume"):

@@ -86,10 +86,16 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML config file")
     try:
         data = yaml_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        from ldae.errors import describe
+
+        raise ConfigError(f"{path}: cannot read config ({describe(exc)})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:
@@ -203,7 +209,76 @@ def set_dotted(cfg: dict, key: str, value: Any, strict: bool = True) -> None:
     if strict and leaf not in node and not (parts[:-1] == ["trainer"] and leaf in trainer_arguments()):
         also = "; or any lightning Trainer argument" if parts[:-1] == ["trainer"] else ""
         raise unknown_key(key, node, also=also)
+    if strict:
+        value = check_value(key, node.get(leaf), value, trainer=parts[:-1] == ["trainer"])
     node[leaf] = value
+
+
+#: leaves whose numbers must be >= 1 (batch sizes, accumulation), > 0 (learning rates), >= 0 (workers)
+_AT_LEAST_ONE = re.compile(r"(^|_)batch_size$|^accumulate_grad_batches$")
+_POSITIVE = re.compile(r"^lr(_generator|_discriminator)?$|_lr$")
+_NON_NEGATIVE = re.compile(r"^num_workers$")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a string"
+
+
+def check_value(key: str, old: Any, new: Any, trainer: bool = False) -> Any:
+    """``new`` for the config leaf ``key`` whose preset value is ``old``, or ConfigError (one line, before
+    anything is created) when its type does not fit: numbers stay numbers (``--data.batch_size two`` and
+    ``--optim.lr_generator fast`` are refused; an integer leaf takes no fraction, except in ``trainer``,
+    whose Lightning arguments often take both), booleans stay booleans, lists stay lists; a leaf whose
+    preset value is null or a string takes any scalar. Batch sizes must be >= 1, learning rates > 0 and
+    finite, ``num_workers`` >= 0. An integral float for an integer leaf becomes an int."""
+    import math
+
+    leaf = key.rsplit(".", 1)[-1]
+
+    def bad(expected: str) -> ConfigError:
+        shown = f"'{new}'" if isinstance(new, str) else repr(new)
+        return ConfigError(f"config key '{key}' expects {expected} (preset value {old!r}), got {shown}")
+
+    if old is None or (new is None and trainer):
+        pass
+    elif isinstance(old, bool):
+        if not isinstance(new, bool):
+            raise bad("true or false")
+    elif isinstance(old, (int, float)):
+        if isinstance(new, bool) or not isinstance(new, (int, float)):
+            raise bad(_kind(old))
+        if isinstance(new, float) and math.isnan(new):
+            raise bad(_kind(old))
+        if isinstance(old, int) and isinstance(new, float) and not trainer:
+            if not new.is_integer():
+                raise bad("an integer")
+            new = int(new)
+    elif isinstance(old, (list, tuple)):
+        if not isinstance(new, (list, tuple)):
+            raise bad("a list")
+    elif isinstance(old, dict):
+        if not isinstance(new, dict):
+            raise bad("a mapping")
+    elif isinstance(new, (list, tuple, dict)):  # a string leaf takes any scalar (e.g. precision 16)
+        raise bad("a single value")
+    if isinstance(new, (int, float)) and not isinstance(new, bool):
+        if _AT_LEAST_ONE.search(leaf) and not new >= 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {new}")
+        if _POSITIVE.search(leaf) and not (new > 0 and math.isfinite(new)):
+            raise ConfigError(f"config key '{key}' must be a positive finite learning rate, got {new}")
+        if _NON_NEGATIVE.search(leaf) and not new >= 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {new}")
+    return new
 
 
 def trainer_arguments() -> set[str]:

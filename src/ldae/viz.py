@@ -10,6 +10,12 @@ import numpy as np
 from ldae.io import atomic_path
 
 
+def plain_text(text: object) -> str:
+    """``text`` for a matplotlib title or label, shown literally: ``$`` escaped so that a file name such as
+    ``scan_$1.nii.gz`` (or two ``$`` in a name) is not parsed as mathtext, which fails or garbles the PNG."""
+    return str(text).replace("$", r"\$")
+
+
 def _as_numpy(volume) -> np.ndarray:
     """A (D, H, W) float array from a numpy array or tensor with optional leading singleton axes."""
     if hasattr(volume, "detach"):
@@ -64,9 +70,9 @@ def save_mosaic(
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(label, fontsize=9)
+                ax.set_ylabel(plain_text(label), fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(plain_text(title), fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=80)
@@ -99,7 +105,7 @@ def save_strip(
     for c, (vol, label) in enumerate(zip(vols, labels)):
         sl = orthogonal_slices(vol)[axis_view]
         axes[0, c].imshow(sl, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[0, c].set_title(label, fontsize=9)
+        axes[0, c].set_title(plain_text(label), fontsize=9)
         if ref is not None:
             axes[1, c].imshow(sl - ref, cmap="coolwarm", vmin=-lim, vmax=lim, interpolation="nearest")
         for r in range(n_rows):
@@ -108,7 +114,7 @@ def save_strip(
     if ref is not None:
         axes[1, 0].set_ylabel("difference", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(plain_text(title), fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=80)

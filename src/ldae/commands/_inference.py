@@ -4,7 +4,7 @@ manipulate): common arguments, model loading, reading scans, writing NIfTI + PNG
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,25 @@ def scan_list(args: argparse.Namespace) -> list[tuple[str, str]]:
 def load(args: argparse.Namespace):
     """``(model, items, workers)``: the model on this process's device and a lazy iterator of
     ``(name, volume (1,1,D,H,W), affine)`` over this process's share of the scans."""
+    from ldae.data.geometry import header_geometry
+    from ldae.data.transforms import check_model_ready
     from ldae.distributed import launch
+    from ldae.errors import LDAEError
     from ldae.model import LDAE
 
+    if args.steps is not None and args.steps < 1:
+        raise LDAEError(f"--steps must be a positive number of DDIM steps, got {args.steps}")
+    check_out_dir(args.out)
     scans = scan_list(args)
+    for _, path in scans:  # exists, not a folder, a readable 3D NIfTI: before the (slow) model load
+        header_geometry(path)
     workers = launch(args.device, getattr(args, "devices", 1), getattr(args, "num_nodes", 1))
     model = workers.together(LDAE.load, args.model, device=workers.device, steps=args.steps)
+    T = int(model.schedule.T)
+    if args.steps is not None and args.steps > T:
+        raise LDAEError(f"--steps must be between 1 and {T} (the run's diffusion timesteps), got {args.steps}")
+    # every scan's affine and field of view against the model's grid, before any computation
+    check_model_ready([path for _, path in scans], model.spacing, model.shape)
 
     def items() -> Iterator[tuple[str, Any, np.ndarray]]:
         for name, path in workers.shard(scans):
@@ -69,6 +82,59 @@ def load(args: argparse.Namespace):
             yield name, vol, affine
 
     return model, items(), workers
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """LDAEError, before any computation, unless ``out`` can be the output folder: not an existing file,
+    and writable (the folder itself, or the nearest existing parent it would be created in). Nothing is
+    created here."""
+    import os
+
+    from ldae.errors import LDAEError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LDAEError(f"{out}: --out is an existing file, not a folder")
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LDAEError(f"{out}: --out cannot be created ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LDAEError(f"{out}: --out is not writable (no write permission on {parent})")
+    return out
+
+
+def finite_values(values: Sequence[float], option: str) -> list[float]:
+    """``values`` as floats; LDAEError naming ``option`` for NaN/inf or a value given twice."""
+    import math
+
+    from ldae.errors import LDAEError
+
+    values = [float(v) for v in values]
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise LDAEError(f"{option} must be finite numbers, got {bad[0]}")
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise LDAEError(f"{option} lists {dup[0]:g} more than once")
+    return values
+
+
+def value_tags(values: Sequence[float], signed: bool = False, min_decimals: int = 2) -> list[str]:
+    """Distinct file-name tags for distinct numbers: the fewest decimals (at least ``min_decimals``) at
+    which no two values print alike (``1`` and ``1.001`` -> ``1.000``, ``1.001``); LDAEError when even 8
+    decimals cannot tell two apart."""
+    from ldae.errors import LDAEError
+
+    sign = "+" if signed else ""
+    for decimals in range(min_decimals, 9):
+        tags = [f"{float(v):{sign}.{decimals}f}" for v in values]
+        if len(set(tags)) == len(tags):
+            return tags
+    raise LDAEError(f"values {', '.join(map(str, values))} are too close to name their outputs apart")
 
 
 def save_volume(out: Path, name: str, volume: Any, affine: np.ndarray) -> Path:

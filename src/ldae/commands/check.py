@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rich.console import Console
@@ -99,7 +99,7 @@ def _check_volumes(csv: str, df, disable: bool = False) -> dict[str, list[int]]:
     from rich.progress import track
 
     from ldae.data.cohort import _row
-    from ldae.data.geometry import ModelGrid, PAPER_GRID, check_affine, check_coverage, header_geometry
+    from ldae.data.geometry import PAPER_GRID, ModelGrid, check_affine, check_coverage, header_geometry
     from ldae.data.transforms import read_volume
     from ldae.errors import CohortError
 

@@ -28,28 +28,63 @@ def _direction(args: argparse.Namespace):
     if not path.is_file():
         raise LDAEError(f"{path}: no direction file (run `ldae evaluate` first or pass --direction)")
     if path.suffix == ".npy":
-        return np.load(path)
+        try:
+            raw = np.load(path, allow_pickle=False)  # never unpickle: an object array is refused
+        except (ValueError, OSError, EOFError) as exc:
+            from ldae.errors import describe
+
+            reason = "an object (pickled) array" if "allow_pickle" in str(exc) else describe(exc)
+            raise LDAEError(f"{path}: not a numeric .npy direction ({reason})") from None
+        return _checked_direction(raw, path)
     from ldae.evaluation.probes import load_probes
 
     # the probe's standardised coefficients: the steepest AD direction in y_sem normalised by its
     # training mean/std, which is the space LDAE.manipulate moves in
-    return np.asarray(load_probes(path)["ad_vs_cn"]["coef"])
+    return _checked_direction(np.asarray(load_probes(path)["ad_vs_cn"]["coef"]), path)
 
 
-def main(args: argparse.Namespace) -> int:
+def _checked_direction(raw, path):
+    """``raw`` as a float64 vector; LDAEError naming ``path`` unless it is a real, finite, non-zero 1-D
+    array (a ``(1, d)`` or ``(d, 1)`` array counts as 1-D)."""
+    import numpy as np
+
+    from ldae.errors import LDAEError
+
+    arr = np.asarray(raw)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise LDAEError(f"{path}: the direction must be a real-valued array, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.ndim != 1 and sum(s > 1 for s in arr.shape) > 1:
+        raise LDAEError(f"{path}: the direction must be a vector, got shape {arr.shape}")
+    arr = arr.reshape(-1)
+    if not np.isfinite(arr).all():
+        raise LDAEError(f"{path}: the direction holds {int((~np.isfinite(arr)).sum())} NaN/inf value(s)")
+    if arr.size == 0 or not np.any(arr):
+        raise LDAEError(f"{path}: the direction is the zero vector")
+    return arr
+
+
+def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ldae.viz import save_strip
 
+    alphas = _inference.finite_values(args.alphas, "--alphas")
+    tags = _inference.value_tags(alphas, signed=True)  # 1 and 1.001 -> alpha+1.000, alpha+1.001
     direction = _direction(args)
     model, items, _ = _inference.load(args)
+    if direction.size != model.encoder.emb_dim:
+        from ldae.errors import LDAEError
+
+        raise LDAEError(f"{args.direction or 'direction'}: has {direction.size} entries, this model's y_sem has "
+                        f"{model.encoder.emb_dim}")
     out = Path(args.out)
-    zero = min(range(len(args.alphas)), key=lambda i: abs(args.alphas[i]))
+    zero = min(range(len(alphas)), key=lambda i: abs(alphas[i]))
     for name, vol, affine in items:
-        vols = model.manipulate(vol, direction, args.alphas)
-        for a, v in zip(args.alphas, vols):
-            _inference.save_volume(out, f"{name}_alpha{a:+.2f}", v[0], affine)
-        save_strip(out / f"{name}_manipulation.png", [v[0] for v in vols], [f"α={a:+.1f}" for a in args.alphas],
+        vols = model.manipulate(vol, direction, alphas)
+        for tag, v in zip(tags, vols):
+            _inference.save_volume(out, f"{name}_alpha{tag}", v[0], affine)
+        save_strip(out / f"{name}_manipulation.png", [v[0] for v in vols], [f"α={a:+g}" for a in alphas],
                    diff_to=zero, title=f"{name}: along the direction (+ = towards AD)")
-        print(f"{name}: {len(args.alphas)} manipulated volumes -> {out}")
+        print(f"{name}: {len(alphas)} manipulated volumes -> {out}")
     return 0

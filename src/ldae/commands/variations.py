@@ -15,11 +15,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ldae.viz import save_mosaic
 
+    if args.n < 1:
+        from ldae.errors import LDAEError
+
+        raise LDAEError(f"--n must be at least 1 variation per scan, got {args.n}")
     model, items, _ = _inference.load(args)
     out = Path(args.out)
     for name, vol, affine in items:

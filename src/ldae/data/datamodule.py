@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldae.data.cohort import DEFAULT_LABELS, ensure_split, read_cohort
-from ldae.data.transforms import volume_transforms
+from ldae.data.transforms import check_model_ready, volume_transforms
 from ldae.errors import CohortError
 
 
@@ -163,6 +163,20 @@ class _CohortDataModule(pl.LightningDataModule):
         return self.loader("test", False, self.eval_batch_size)
 
 
+def _checked_cohort(dm: Any) -> pd.DataFrame:
+    """``dm``'s cohort, with every scan's header checked against the model's grid (affine, field of view)
+    once, before any training: the error names the CSV row."""
+    if dm.cohort is None:
+        df = _CohortDataModule.load_cohort(dm)
+        try:
+            check_model_ready(list(df["path"]), dm.spacing, dm.shape,
+                              names=[f"{dm.csv}: row {i + 2}" for i in range(len(df))])
+        except CohortError:
+            dm.cohort = None
+            raise
+    return dm.cohort
+
+
 class VolumeDataModule(_CohortDataModule):
     """Model-ready volumes (stage 1 training, latent export)."""
 
@@ -178,6 +192,9 @@ class VolumeDataModule(_CohortDataModule):
         self.spacing = spacing
         self.shape = tuple(int(s) for s in shape)
         self.cache = bool(cache)
+
+    def load_cohort(self) -> pd.DataFrame:
+        return _checked_cohort(self)
 
     def make_dataset(self, df: pd.DataFrame) -> Dataset:
         return VolumeDataset(df, self.spacing, self.shape, cache=self.cache and self.num_workers == 0)
@@ -235,6 +252,9 @@ class ImageLatentDataModule(_CohortDataModule):
         self.shape = tuple(int(s) for s in shape)
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.cache = bool(cache)
+
+    def load_cohort(self) -> pd.DataFrame:
+        return _checked_cohort(self)
 
     def make_dataset(self, df: pd.DataFrame) -> Dataset:
         return ImageLatentDataset(

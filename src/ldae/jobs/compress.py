@@ -111,6 +111,7 @@ def compress(
 
     from ldae.checkpoints import load_autoencoder
     from ldae.data.datamodule import VolumeDataset
+    from ldae.data.transforms import check_model_ready
     from ldae.distributed import launch
     from ldae.nets.autoencoder import latent_shape
     from ldae.nets.weights import weights_fingerprint
@@ -134,6 +135,8 @@ def compress(
     )
     if not (df["split"] == "train").any():  # checked before any work (and before processes could diverge)
         raise CohortError(f"{csv}: the train split is empty, so the latent scale factor cannot be computed")
+    # every scan's header (affine, field of view) before any encoding: a bad row 57 fails now, not later
+    check_model_ready(list(df["path"]), spacing, shape, names=[f"{csv}: row {i + 2}" for i in range(len(df))])
     df = df.copy()
     df["latent_path"] = [str((latent_dir / name).resolve()) for name in latent_names(df)]
     sha = file_sha256(ckpt)

@@ -35,21 +35,77 @@ def run_dir(cfg: dict) -> Path:
 
 
 def prepare_run(cfg: dict, resume: bool = False) -> tuple[Path, Path | None]:
-    """Create the run folder, save the resolved config; return ``(run_dir, checkpoint to resume or None)``.
+    """Check the run folder; return ``(run_dir, checkpoint to resume or None)``. Writes nothing: the folder,
+    its lock and ``config.yaml`` are made by :func:`start_run` once the model is built and, on resume,
+    checked against the checkpoint (so a refused config leaves nothing behind).
 
     A folder that already holds a ``last.ckpt`` is only reused with ``resume=True`` (never silently
-    overwritten).
+    overwritten); an ``out`` that is an existing file or cannot be created is refused up front.
     """
+    import os
+
     out = run_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out is an existing file, not a folder")
+    parent = out
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: --out cannot be created or written ({parent} is not a writable folder)")
     last = out / "checkpoints" / "last.ckpt"
     if last.is_file() and not resume:
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     resume_ckpt = last if resume and last.is_file() else None
-    if resume_ckpt is None:  # a fresh run: drop the log of an attempt that died before its first checkpoint
-        (out / "logs" / "metrics.csv").unlink(missing_ok=True)
     return out, resume_ckpt
+
+
+def check_resume(module: Any, cfg: dict, resume_ckpt: Path) -> None:
+    """ConfigError (before anything is written) when ``cfg``/``module`` cannot continue ``resume_ckpt``: a
+    weight whose shape differs, a weight the checkpoint has that the model lacks, or another model grid
+    (``data.spacing``/``data.shape``: same weights, different meaning)."""
+    from ldae.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(resume_ckpt)
+    saved = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{resume_ckpt}: not a training checkpoint (no state_dict) to resume from")
+    hint = f"resume with the run's own config ({resume_ckpt.parents[1] / 'config.yaml'}) or choose another --out"
+    old_cfg = (ckpt.get("ldae") or {}).get("config") if isinstance(ckpt.get("ldae"), dict) else None
+    if isinstance(old_cfg, dict):
+        for key in ("spacing", "shape"):
+            before, now = (old_cfg.get("data") or {}).get(key), (cfg.get("data") or {}).get(key)
+            if before is not None and now is not None and before != now:
+                raise ConfigError(f"{resume_ckpt}: --resume with data.{key} {now} but the run was trained with "
+                                  f"{before}; {hint}")
+    current = module.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(current[k].shape)) for k, v in saved.items()
+             if hasattr(v, "shape") and k in current and tuple(v.shape) != tuple(current[k].shape)]
+    if wrong:
+        key, before, now = wrong[0]
+        raise ConfigError(f"{resume_ckpt}: --resume with a config that changes the model: '{key}' has shape "
+                          f"{list(before)} in the checkpoint, {list(now)} now ({len(wrong)} weight(s) differ); {hint}")
+    extra = [k for k in saved if k not in current]
+    if extra:
+        raise ConfigError(f"{resume_ckpt}: --resume with a config that changes the model: the checkpoint has "
+                          f"'{extra[0]}' ({len(extra)} weight(s)) that this model lacks; {hint}")
+
+
+def start_run(cfg: dict, out: Path, resume_ckpt: Path | None) -> Any:
+    """Create the run folder, lock it (:class:`ldae.runs.RunLock`: one writer per folder) and save the
+    resolved config; a fresh run drops the log of an attempt that died before its first checkpoint.
+    Returns the held lock (released by :func:`train`)."""
+    from ldae.runs import RunLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, f"training stage {cfg.get('stage')}").acquire()
+    try:
+        save_config(cfg, out / "config.yaml")
+        if resume_ckpt is None:
+            (out / "logs" / "metrics.csv").unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def make_checkpoint_io():
@@ -199,17 +255,23 @@ def train(module: Any, datamodule: Any, cfg: dict, out: Path, resume_ckpt: Path 
     when training ended before any validation run wrote one."""
     import warnings
 
-    trainer = make_trainer(cfg, out, monitor=monitor, mode=mode)
-    with warnings.catch_warnings():  # EMA copies and frozen networks are in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-        finally:  # under DDP, tear the process group down at exit (a no-op for a single process)
-            import atexit
+    if resume_ckpt is not None:
+        check_resume(module, cfg, resume_ckpt)
+    lock = start_run(cfg, out, resume_ckpt)
+    try:
+        trainer = make_trainer(cfg, out, monitor=monitor, mode=mode)
+        with warnings.catch_warnings():  # EMA copies and frozen networks are in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+            finally:  # under DDP, tear the process group down at exit (a no-op for a single process)
+                import atexit
 
-            from ldae.distributed import destroy_process_group
+                from ldae.distributed import destroy_process_group
 
-            atexit.register(destroy_process_group)
+                atexit.register(destroy_process_group)
+    finally:
+        lock.release()
     best = out / "checkpoints" / "best.ckpt"
     if not best.is_file():
         raise CheckpointError(f"{out}: training ended without a validation run, so no best.ckpt was written "
