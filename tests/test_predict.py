@@ -50,7 +50,9 @@ def make_probed_run(tiny_run: Path, root: Path) -> ProbedRun:
     cols = (df["split"].to_numpy(), df["subject"].to_numpy())
     ad = probe_ad_vs_cn(X, df["diagnosis"].to_numpy(), *cols, seed=0)
     age = probe_age(X, df["age"].to_numpy(), *cols, seed=0)
-    save_probes(stage_dir(run, "evaluation") / "probes.json", ad, age)
+    save_probes(stage_dir(run, "evaluation") / "probes.json", ad, age,  # as `ldae evaluate` saves them
+                encoder_fingerprint=model.fingerprints["semantic_encoder"],
+                representation_checkpoint=model.checkpoints["representation"])
     return ProbedRun(run, df, X, ad, age)
 
 
@@ -210,6 +212,66 @@ def test_probes_of_another_size_and_batch_size(probed: ProbedRun, model):
         predict(model, [probed.df["path"].iloc[0]], probes=probes, progress=False)
     with pytest.raises(LDAEError, match="batch size must be >= 1"):
         predict(model, [probed.df["path"].iloc[0]], batch_size=0, progress=False)
+
+
+# ----------------------------------------------------------------------------------- probes of this run only
+def _run_with_retrained_representation(probed: ProbedRun, root: Path) -> Path:
+    """A copy of the probed run whose representation checkpoint holds other encoder weights (as after
+    retraining stage 3), with the old run's probes left in place."""
+    import shutil
+
+    from ldae.checkpoints import REPRESENTATION_PREFIXES
+
+    run = root / "run"
+    run.mkdir(parents=True)
+    for stage in ("autoencoder", "latents", "diffusion"):
+        (run / stage).symlink_to((probed.run / stage).resolve())
+    shutil.copytree((probed.run / "representation").resolve(), run / "representation")
+    shutil.copytree(probed.run / "evaluation", run / "evaluation")
+    path = run / "representation" / "checkpoints" / "best.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith(REPRESENTATION_PREFIXES[True][0]) and value.is_floating_point():
+            ckpt["state_dict"][key] = value + 0.01 * torch.randn(value.shape, generator=gen)
+    torch.save(ckpt, path)
+    return run
+
+
+def test_stale_probes_of_a_retrained_representation_are_refused(probed: ProbedRun, tmp_path: Path, capsys):
+    """The probes record the fingerprint of the encoder they were fitted on: after stage 3 changed, the
+    old probes are refused with one line (they would give confident, meaningless P(AD) and ages)."""
+    run = _run_with_retrained_representation(probed, tmp_path)
+    code = main(["predict", "--model", str(run), probed.df["path"].iloc[0], "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert str(run / "evaluation" / "probes.json") in err[0]
+    assert "the probes were fitted on another representation checkpoint" in err[0]
+    assert str(probed.run / "representation" / "checkpoints" / "best.ckpt") in err[0]  # where they came from
+
+
+def test_probes_without_fingerprint_warn(probed: ProbedRun, model, tmp_path: Path, caplog):
+    """Probes written before fingerprints were recorded cannot be checked: used, with a warning."""
+    from ldae.evaluation.probes import load_probes
+    from ldae.jobs.predict import predict
+
+    probes = load_probes(probed.run / "evaluation" / "probes.json")
+    probes.pop("encoder_fingerprint")
+    with caplog.at_level("WARNING"):
+        res = predict(model, probed.df["path"].tolist()[:2], probes=probes, progress=False)
+    assert "cannot be checked against this model" in caplog.text
+    np.testing.assert_allclose(res.y_sem, probed.X[:2], atol=1e-5)
+
+
+def test_stage_folder_as_model_uses_the_runs_probes(probed: ProbedRun, capsys):
+    """``--model RUN/representation``: the model of the run and its ``RUN/evaluation/probes.json``."""
+    path = probed.df["path"].iloc[0]
+    outs = []
+    for model in (probed.run, probed.run / "representation"):
+        assert main(["predict", "--model", str(model), path, "--json", "--device", "cpu"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[1]["probes"] == outs[0]["probes"] == str(probed.run / "evaluation" / "probes.json")
+    assert outs[1]["predictions"][0]["p_ad"] == pytest.approx(outs[0]["predictions"][0]["p_ad"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------- --preprocess

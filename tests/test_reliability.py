@@ -592,6 +592,122 @@ def test_cli_reconstruct_twice_writes_identical_volumes(fake_run: Path, tmp_path
     assert np.array_equal(arrays[0], arrays[1])
 
 
+# ---------------------------------------------------------------------- self-contained run folders
+
+
+def _reconstruct_cli(model: Path, scan: Path, out: Path) -> np.ndarray:
+    """``ldae reconstruct --model MODEL SCAN`` (3 DDIM steps); the written volume."""
+    assert main(["reconstruct", "--model", str(model), str(scan), "--out", str(out), "--steps", "3",
+                 "--device", "cpu"]) == 0
+    (nii,) = out.glob("*_recon.nii.gz")
+    return np.asarray(nib.load(str(nii)).dataobj)
+
+
+def test_copied_run_uses_its_own_stages(fake_run: Path, tmp_path: Path) -> None:
+    """A copied run folder loads its own autoencoder and diffusion model: replacing the original's stages
+    changes nothing in the copy's output (and the original then refuses its replaced stages)."""
+    original = shutil.copytree(fake_run, tmp_path / "original")
+    copy = shutil.copytree(original, tmp_path / "copy")
+    scan = _scan(fake_run)
+    before = _reconstruct_cli(copy, scan, tmp_path / "before")
+    make_autoencoder_ckpt(original, seed=1)
+    make_diffusion_ckpt(original, stage_dir(original, "latents") / COMPRESSED_CSV, seed=1)
+    assert np.array_equal(_reconstruct_cli(copy, scan, tmp_path / "after"), before)
+    from ldae.errors import CheckpointError
+    from ldae.model import LDAE
+
+    model = LDAE.load(copy)
+    assert {s: Path(p) for s, p in model.checkpoints.items()} == {
+        s: stage_dir(copy, s) / "checkpoints" / "best.ckpt" for s in ("autoencoder", "diffusion", "representation")}
+    with pytest.raises(CheckpointError, match=r"was trained on other diffusion weights than those in .*original"):
+        LDAE.load(original)
+
+
+def test_replaced_autoencoder_is_refused(fake_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The autoencoder fingerprint recorded by compress and stage 2 is checked at load: another
+    autoencoder in the run folder stops every command with one line (nothing written)."""
+    run = shutil.copytree(fake_run, tmp_path / "run")
+    make_autoencoder_ckpt(run, seed=1)
+    out = tmp_path / "out"
+    code = main(["reconstruct", "--model", str(run), str(_scan(fake_run)), "--out", str(out), "--device", "cpu"])
+    line = one_error_line(capsys, "reconstruct", code)
+    ae = stage_dir(run, "autoencoder") / "checkpoints" / "best.ckpt"
+    assert f"was trained on other autoencoder weights than those in {ae} (weights fingerprint differs)" in line
+    assert not out.exists()
+    code = main(["generate", "--model", str(run), "--n", "1", "--steps", "2", "--out", str(out), "--device", "cpu"])
+    assert "other autoencoder weights" in one_error_line(capsys, "generate", code)
+    assert not out.exists()
+
+
+def _as_format1(ckpt_path: Path, paths: dict[str, str]) -> None:
+    """Rewrite a checkpoint's metadata the way ldae wrote it before format 2: no format key, no relative
+    paths, no autoencoder fingerprint, upstream paths as given on the command line (``paths``)."""
+    from ldae.checkpoints import CHECKPOINT_KEY
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    meta = ckpt[CHECKPOINT_KEY]
+    for key in [k for k in meta if k == "format" or k.endswith("_relative") or k == "autoencoder_fingerprint"]:
+        del meta[key]
+    meta.update({f"{stage}_checkpoint": path for stage, path in paths.items()})
+    torch.save(ckpt, ckpt_path)
+
+
+def test_format1_checkpoints_load_from_their_run_never_the_cwd(fake_run: Path, model, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints written by the previous code still load. Their upstream paths were stored as given
+    (here relative to the directory training ran in): they are never resolved against the current
+    directory (a decoy diffusion model waits there), the run folder's own stages are used."""
+    from ldae.model import LDAE
+
+    run = shutil.copytree(fake_run, tmp_path / "old" / "run")
+    rel = {s: str(Path("run") / s / "checkpoints" / "best.ckpt") for s in ("autoencoder", "diffusion")}
+    _as_format1(stage_dir(run, "diffusion") / "checkpoints" / "best.ckpt", {"autoencoder": rel["autoencoder"]})
+    _as_format1(stage_dir(run, "representation") / "checkpoints" / "best.ckpt", rel)
+    cwd = tmp_path / "cwd"
+    make_diffusion_ckpt(cwd / "run", stage_dir(fake_run, "latents") / COMPRESSED_CSV, seed=1)  # the decoy
+    monkeypatch.chdir(cwd)
+    old = LDAE.load(run, steps=model.steps)
+    assert old.metadata["representation"].format == 1 and old.metadata["diffusion"].format == 1
+    assert Path(old.checkpoints["diffusion"]) == stage_dir(run, "diffusion") / "checkpoints" / "best.ckpt"
+    x = old.load_volume(_scan(fake_run))[0]
+    torch.testing.assert_close(old.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+
+
+def test_stage_folder_as_model(fake_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--model RUN/representation`` loads the run it belongs to; a stage folder whose diffusion model is
+    nowhere to be found says so (not "expected stage 'diffusion'")."""
+    scan = _scan(fake_run)
+    whole = _reconstruct_cli(fake_run, scan, tmp_path / "whole")
+    assert np.array_equal(_reconstruct_cli(stage_dir(fake_run, "representation"), scan, tmp_path / "stage"), whole)
+    alone = shutil.copytree(stage_dir(fake_run, "representation"), tmp_path / "alone" / "representation")
+    gone = tmp_path / "gone" / "best.ckpt"
+    _as_format1(alone / "checkpoints" / "best.ckpt", {"diffusion": str(gone)})
+    out = tmp_path / "out"
+    code = main(["reconstruct", "--model", str(alone), str(scan), "--out", str(out), "--device", "cpu"])
+    line = one_error_line(capsys, "reconstruct", code)
+    assert f"the diffusion checkpoint it was trained on (recorded as '{gone}') was not found" in line
+    assert str(tmp_path / "alone" / "diffusion" / "checkpoints" / "best.ckpt") in line
+    assert "expected stage" not in line and not out.exists()
+
+
+def test_foreign_probes_are_refused_by_manipulate(fake_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Probes saved for another representation checkpoint (other encoder fingerprint) are refused."""
+    from ldae.evaluation.probes import save_probes
+
+    run = shutil.copytree(fake_run, tmp_path / "run")
+    d = int(load_preset("tiny", "representation")["model"]["semantic_encoder"]["emb_dim"])
+    lin = {"coef": np.ones(d), "intercept": 0.0, "mean": np.zeros(d), "scale": np.ones(d)}
+    ad = dict(lin, direction=np.ones(d) / np.sqrt(d), classes=["CN", "AD"], positive_class="AD", C=1.0, threshold=0.5)
+    save_probes(stage_dir(run, "evaluation") / "probes.json", ad, dict(lin, alpha=1.0),
+                encoder_fingerprint="0" * 64, representation_checkpoint="/elsewhere/best.ckpt")
+    out = tmp_path / "out"
+    code = main(["manipulate", "--model", str(run), str(_scan(fake_run)), "--out", str(out), "--device", "cpu"])
+    line = one_error_line(capsys, "manipulate", code)
+    assert "the probes were fitted on another representation checkpoint (/elsewhere/best.ckpt)" in line
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------- interruption (real SIGKILL)
 
 

@@ -35,6 +35,20 @@ def stage_dir(run: str | Path, stage: str) -> Path:
     return Path(run) / STAGE_DIRS[stage]
 
 
+def run_folder(path: str | Path) -> Path:
+    """The full run folder that ``path`` names: a run folder itself, one of its stage folders
+    (``RUN/representation``), or a checkpoint in one (``RUN/<stage>/checkpoints/best.ckpt``). A stage folder
+    is recognised by its ``checkpoints/`` subfolder and a stage name; anything else is returned as is."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if p.name == "checkpoints":
+        p = p.parent
+    if p.name in STAGE_DIRS.values() and (p / "checkpoints").is_dir():
+        p = p.parent
+    return p
+
+
 def find_checkpoint(run: str | Path, stage: str, which: str = "best") -> Path:
     """The ``which`` (best/last) checkpoint of ``stage`` in a full run folder, a stage folder, or a
     checkpoint path itself; CheckpointError saying what was looked for otherwise."""

@@ -17,14 +17,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps along the unit direction in normalised y_sem units (+ = towards AD)")
 
 
-def _direction(args: argparse.Namespace):
+def _direction_path(args: argparse.Namespace):
+    """``--direction``, or the probes ``ldae evaluate`` saved for the run (``RUN/evaluation/probes.json``,
+    also when ``--model`` names its representation stage folder)."""
     from pathlib import Path
 
+    from ldae.jobs.predict import default_probes_path
+
+    return Path(args.direction) if args.direction else default_probes_path(args.model)
+
+
+def _direction(args: argparse.Namespace):
     import numpy as np
 
     from ldae.errors import LDAEError
 
-    path = Path(args.direction) if args.direction else Path(args.model) / "evaluation" / "probes.json"
+    path = _direction_path(args)
     if not path.is_file():
         raise LDAEError(f"{path}: no direction file (run `ldae evaluate` first or pass --direction)")
     if path.suffix == ".npy":
@@ -73,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
     tags = _inference.value_tags(alphas, signed=True)  # 1 and 1.001 -> alpha+1.000, alpha+1.001
     direction = _direction(args)
     model, items, _ = _inference.load(args)
+    path = _direction_path(args)
+    if path.suffix != ".npy":  # probes: they must have been fitted on this model's representation
+        from ldae.evaluation.probes import check_probes_fitted_on, load_probes
+
+        check_probes_fitted_on(load_probes(path), model.fingerprints["semantic_encoder"], path)
     if direction.size != model.encoder.emb_dim:
         from ldae.errors import LDAEError
 

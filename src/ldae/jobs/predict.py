@@ -90,10 +90,11 @@ class Predictions:
 
 # ------------------------------------------------------------------------------------------- probes
 def default_probes_path(run: str | Path) -> Path:
-    """``RUN/evaluation/probes.json`` (where ``ldae evaluate`` saves the fitted probes)."""
-    from ldae.runs import stage_dir
+    """``RUN/evaluation/probes.json`` (where ``ldae evaluate`` saves the fitted probes) of the run that
+    ``run`` names (the run folder, its representation stage folder or a checkpoint in it)."""
+    from ldae.runs import run_folder, stage_dir
 
-    return stage_dir(run, "evaluation") / PROBES_FILE
+    return stage_dir(run_folder(run), "evaluation") / PROBES_FILE
 
 
 def load_run_probes(run: str | Path | None, probes: str | Path | None = None) -> tuple[dict[str, Any], Path]:
@@ -103,7 +104,7 @@ def load_run_probes(run: str | Path | None, probes: str | Path | None = None) ->
     from ldae.evaluation.probes import load_probes
 
     if probes is None:
-        if run is None or Path(run).is_file():
+        if run is None or (Path(run).is_file() and Path(run).parent.name != "checkpoints"):  # a loose checkpoint
             raise LDAEError(f"{run}: is not a run folder, so it has no saved probes; pass the probes file "
                             "that `ldae evaluate` wrote (--probes RUN/evaluation/probes.json)")
         path = default_probes_path(run)
@@ -229,6 +230,10 @@ def predict(
 
         model = LDAE.load(model, device=device)
     _check_probe_size(probe_obj, model, probes_path)
+    if getattr(model, "fingerprints", {}).get("semantic_encoder"):  # probes of this representation, not another's
+        from ldae.evaluation.probes import check_probes_fitted_on
+
+        check_probes_fitted_on(probe_obj, model.fingerprints["semantic_encoder"], probes_path)
     with tempfile.TemporaryDirectory(prefix="ldae-predict-") as tmp:
         inputs = preprocess_scans(scans, tmp, preprocess_config, progress) if preprocess else [Path(s) for s in scans]
         for src, path in zip(scans, inputs):
