@@ -6,7 +6,7 @@ enlargement, brain shrinkage) through atlas-driven boundary-shift flows, then gi
 grey/white contrast (drawn from real scans' tissue levels), bias field and noise level (see
 ``synthetic_params``, ``synthetic_anatomy``, ``synthetic_image``, ``synthetic_contrast``). Every visit is
 a new acquisition (``synthetic_params.Acquisition``): a new noise realisation and noise level, its own
-bias field, a small rigid residual misregistration and a gain and contrast drift, recorded in the
+bias field, a small rigid residual misregistration and a contrast drift, recorded in the
 ``acq_*`` columns; the atrophy between visits is the only anatomical change.
 Ground-truth volumes are measured from the warped labels on a fixed 1.5 mm grid, whatever the output grid.
 
@@ -90,7 +90,7 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         positive(key)
     acq = cfg["acquisition"]
     ranges = {key: _range(acq, key, "acquisition") for key in ACQ_RANGES}
-    for key in ("noise_factor", "gain", "contrast"):
+    for key in ("noise_factor", "contrast"):
         if not ranges[key][0] > 0:
             raise ConfigError(f"synth config: acquisition.{key} must be positive (got {acq[key]!r})")
     if ranges["bias_amplitude"][0] < 0:

@@ -428,6 +428,7 @@ class SubjectAnatomy:
         near = functools.partial(fields.near, pts=self.positions)
         self.brain_keep = ndimage.binary_dilation(near(fields.brain_distance) <= margin)
         core = ndimage.binary_erosion(near(fields.brain_depth) > margin) & self.brain_keep
+        self.core_keep = core  # field-grid voxels that show brain (mask fraction >= 0.999) in every session
         roi_keep = ndimage.binary_dilation(near(fields.structure_distance) <= margin)
         brain_sel = select(fg, self.brain_keep, self.truth)
         core_sel = select(fg, core, self.truth) & brain_sel
@@ -478,11 +479,12 @@ class SubjectAnatomy:
 
         ``motion = (R, b)``: the scan shows the subject rigidly moved, output point ``x`` sees the subject
         at ``R x + b`` (residual misregistration); the returned points stay the output grid's (scanner
-        frame). Only voxels near the session's brain are sampled: the warped mask fraction on the field
-        grid, ``> 0`` dilated (candidates) and ``>= 0.999`` eroded (sure brain, not sampled) by two field
-        cells plus the motion's largest displacement over the grid (a rigid map's displacement is
-        convex: its largest value is at a corner). ``psi`` is smooth on the scale of a cell, so this
-        misses nothing but brain-mask specks smaller than a cell.
+        frame). Candidates (sampled) and sure brain (mask fraction 1, not sampled) are field-grid regions
+        grown and shrunk by the motion's largest displacement over the grid (a rigid map's displacement
+        is convex: its largest value is at a corner). On grids finer than the field grid they come from
+        this session's warped mask on the field grid (``> 0`` dilated, ``>= 0.999`` eroded by two cells
+        more: ``psi`` is smooth on the scale of a cell, so only brain-mask specks smaller than a cell
+        could be missed); on coarser grids (few voxels) from the subject's all-session bounds.
         """
         offset = (np.asarray(out.origin) - np.asarray(self.truth.origin)) / self.truth.spacing
         shared = np.isclose(out.spacing, self.truth.spacing) and np.allclose(offset, np.rint(offset), atol=1e-4)
@@ -498,16 +500,21 @@ class SubjectAnatomy:
             return tuple(idx[:, ok]), pts[:, ok], psi[:, ok], mask[ok]
         fg = self.field_grid
         r = b = None
-        n = 2
+        n = 0
         if motion is not None:
             r, b = (np.asarray(m, np.float64) for m in motion)
             lo, hi = np.asarray(out.origin), np.asarray(out.origin) + out.spacing * (np.asarray(out.shape) - 1)
             corners = np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1)
             reach = float(np.sqrt((((r - np.eye(3)) @ corners + b[:, None]) ** 2).sum(0)).max())
-            n += int(np.ceil(reach / fg.spacing))
-        mask_fg = sample(self.template.mask, self.template.grid, session.psi)
-        keep_fg = ndimage.binary_dilation(mask_fg > 0, iterations=n)
-        core_fg = ndimage.binary_erosion(mask_fg >= 0.999, iterations=n)
+            n = int(np.ceil(reach / fg.spacing))
+        if out.spacing < fg.spacing:
+            mask_fg = sample(self.template.mask, self.template.grid, session.psi)
+            keep_fg, core_fg, n = mask_fg > 0, mask_fg >= 0.999, n + 2
+        else:
+            keep_fg, core_fg = self.brain_keep, self.core_keep
+        if n:
+            keep_fg = ndimage.binary_dilation(keep_fg, iterations=n)
+            core_fg = ndimage.binary_erosion(core_fg, iterations=n)
         sel = select(fg, keep_fg, out)
         inner = select(fg, core_fg, out)[sel]
         pts = _points_of(sel, out)

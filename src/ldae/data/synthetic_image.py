@@ -4,17 +4,16 @@ Per subject (fixed across visits, like one scanner and protocol): tissue levels 
 ``csf_level`` (relative to white matter, drawn from real scans' contrast, see ``synthetic_params``),
 contrast curvature ``gamma``, receiver gain ``scale``, a smooth multiplicative bias field and a noise
 level. Per visit (``Acquisition``): a fresh noise realisation of std ``noise_sd``, the visit's own bias
-field (summed into ``log_bias`` by the caller), a contrast drift and a gain drift.
+field (summed into ``log_bias`` by the caller) and a contrast drift.
 
 ``T`` maps the template's tissue levels (``intensity.tissue.template``: CSF, GM, WM, measured) to the
 visit's, ``level_v = 1 - contrast * (1 - level)``, piecewise linearly (``T(0) = 0``, slope 1 above WM, so
 partial-volume voxels map to the same mix of the mapped tissues); ``signal = scale * exp(log_bias) *
 T(t1)**gamma``; Rician magnitude ``|signal + n1 + i n2|`` (or Gaussian ``signal + n1``),
-``n ~ N(0, noise_sd)`` with the template's white matter at 1; then ``values * gain / hi`` with ``hi`` the
-brain's ``normalize_percentile`` percentile, clipped to [0, 1], and voxels outside the warped brain mask
-are zero (skull-stripped). The gain survives a later min-max rescaling as long as the brightest voxel is
-still clipped at 1 (with ``gain < 1`` and a bright tail shorter than ``1 / gain``, a min-max reader
-undoes part of it).
+``n ~ N(0, noise_sd)`` with the template's white matter at 1; then the brain's ``normalize_percentile``
+maps to 1, values are clipped to [0, 1], and voxels outside the warped brain mask are zero
+(skull-stripped). A global gain would cancel in that percentile scaling (and in the model-ready one), so
+there is none.
 """
 
 from __future__ import annotations
@@ -74,6 +73,6 @@ def render_intensity(
     if not brain.any():
         return np.zeros_like(values)
     hi = float(np.percentile(values[brain], float(cfg["normalize_percentile"])))
-    out = np.clip(values * np.float32(acq.gain / hi), 0.0, 1.0).astype(np.float32)
+    out = np.clip(values / np.float32(hi), 0.0, 1.0).astype(np.float32)
     out[~brain] = 0.0
     return out

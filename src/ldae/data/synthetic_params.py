@@ -248,7 +248,7 @@ def tissue_levels(rng: np.random.Generator, tissue: Mapping[str, Any]) -> tuple[
     return 1.0 - c * (1.0 - gm), 1.0 - c * (1.0 - csf)
 
 
-ACQ_RANGES = ("noise_factor", "bias_amplitude", "rotation_deg", "shift_mm", "gain", "contrast")
+ACQ_RANGES = ("noise_factor", "bias_amplitude", "rotation_deg", "shift_mm", "contrast")
 
 
 @dataclass(frozen=True)
@@ -259,15 +259,18 @@ class Acquisition:
     ``bias_amp``: std of the log of the visit's own smooth bias field (on top of the subject's);
     ``rot_deg``/``shift_mm``: residual rigid misregistration after registration to MNI, rotation about
     the x, y, z axes through the brain centre (applied x first) and translation;
-    ``gain``: white-matter level relative to the percentile normaliser (global intensity drift);
     ``contrast``: factor on the subject's white-to-grey and white-to-CSF gaps (contrast drift).
+
+    There is no global gain: every scan is scaled by a percentile of its own brain (here and in the
+    model-ready transform), which cancels any gain exactly. What reaches the model of a session's
+    intensity drift is the tissue level relative to that percentile, moved here by the contrast drift and
+    by the visit's noise and bias field (measured: see the README's synthetic-cohort section).
     """
 
     noise_sd: float
     bias_amp: float
     rot_deg: tuple[float, float, float]
     shift_mm: tuple[float, float, float]
-    gain: float
     contrast: float
 
     def as_columns(self) -> dict[str, float]:
@@ -275,7 +278,7 @@ class Acquisition:
         out = {"acq_noise_sd": self.noise_sd, "acq_bias_amp": self.bias_amp}
         out.update({f"acq_rot_deg_{a}": v for a, v in zip("xyz", self.rot_deg)})
         out.update({f"acq_shift_mm_{a}": v for a, v in zip("xyz", self.shift_mm)})
-        out.update({"acq_gain": self.gain, "acq_contrast": self.contrast})
+        out["acq_contrast"] = self.contrast
         return out
 
     def rotation(self) -> np.ndarray:
@@ -307,4 +310,4 @@ def draw_acquisition(p: SubjectParams, months: int, cfg: Mapping[str, Any]) -> A
 
     noise = r(p.noise_level * draw("noise_factor"))
     return Acquisition(noise_sd=noise, bias_amp=draw("bias_amplitude"), rot_deg=draw("rotation_deg", 3),
-                       shift_mm=draw("shift_mm", 3), gain=draw("gain"), contrast=draw("contrast"))
+                       shift_mm=draw("shift_mm", 3), contrast=draw("contrast"))
