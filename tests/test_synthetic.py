@@ -12,7 +12,13 @@ from ldae.cli import main
 from ldae.data import synthetic_anatomy as A
 from ldae.data.cohort import read_cohort
 from ldae.data.synthetic import ground_truth, load_synth_config, synthesize
-from ldae.data.synthetic_params import sample_subjects, subject_from_row, subject_rng
+from ldae.data.synthetic_params import (
+    ACQ_RANGES,
+    draw_acquisition,
+    sample_subjects,
+    subject_from_row,
+    subject_rng,
+)
 from ldae.data.transforms import read_volume
 from ldae.errors import ConfigError
 
@@ -208,7 +214,8 @@ def test_images_are_model_ready_and_pass_check(tiny_cohort, template, capsys):
         assert data[0].max() == 0 and data[:, :, -1].max() == 0  # zero outside the brain
     capsys.readouterr()
     assert main(["check", str(tiny_cohort / "cohort.csv")]) == 0
-    assert "cohort OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cohort OK" in out and "consecutive-visit SSIM" in out
 
 
 def test_csv_row_reproduces_the_subject(tiny_cohort, cfg):
@@ -289,3 +296,145 @@ def test_ground_truth_only_cli(tmp_path, capsys):
     truth = pd.read_csv(out / "truth.csv")
     assert len(truth) == 20 and truth["hippocampus_volume_ml"].between(4, 16).all()
     assert (out / "synth_config.yaml").is_file() and (out / "synth.json").is_file()
+
+
+# ----------------------------------------------------------------------- repeat scans (acquisition)
+def test_acquisition_is_seeded_within_its_ranges_and_new_every_visit(cfg):
+    acq_cfg = cfg["acquisition"]
+    subjects = sample_subjects(6, 2, cfg)
+    draws = {(p.index, m): draw_acquisition(p, m, cfg) for p in subjects for m in p.visits}
+    for (i, m), a in draws.items():
+        assert a == draw_acquisition(subjects[i], m, cfg)  # deterministic per subject and session
+        lo, hi = acq_cfg["noise_factor"]
+        assert lo * subjects[i].noise_level - 1e-6 <= a.noise_sd <= hi * subjects[i].noise_level + 1e-6
+        for key, values in (("bias_amplitude", [a.bias_amp]), ("rotation_deg", a.rot_deg),
+                            ("shift_mm", a.shift_mm), ("contrast", [a.contrast])):
+            lo, hi = acq_cfg[key]
+            assert all(lo <= v <= hi for v in values), key
+    # every value differs between two visits of one subject and between subjects at one visit
+    for a, b in ((draws[(0, 0)], draws[(0, 6)]), (draws[(0, 0)], draws[(1, 0)])):
+        assert a.bias_amp != b.bias_amp and a.rot_deg != b.rot_deg and a.shift_mm != b.shift_mm
+        assert a.contrast != b.contrast and a.noise_sd != b.noise_sd
+    # the spread fills the range (uniform draws), not a constant
+    rot = np.array([a.rot_deg for a in draws.values()])
+    assert rot.std() > 0.3 * (acq_cfg["rotation_deg"][1] - acq_cfg["rotation_deg"][0]) / np.sqrt(12)
+    # another seed draws another acquisition for the same subject index
+    assert draw_acquisition(sample_subjects(6, 3, cfg)[0], 0, cfg) != draws[(0, 0)]
+    assert set(ACQ_RANGES) <= set(acq_cfg)
+
+
+def test_acquisition_rotation_and_motion_geometry(template, fields, cfg):
+    """R = Rz Ry Rx (scipy's extrinsic xyz), the centre is fixed, and a pure shift of one output voxel
+    moves the sampled anatomy by exactly one voxel: the scan at x shows the subject at x + shift."""
+    from dataclasses import replace
+
+    from scipy.spatial.transform import Rotation
+
+    a = draw_acquisition(sample_subjects(1, 0, cfg)[0], 6, cfg)
+    np.testing.assert_allclose(a.rotation(), Rotation.from_euler("xyz", a.rot_deg, degrees=True).as_matrix(),
+                               atol=1e-12)
+    r, b = a.rigid(template.centre)
+    np.testing.assert_allclose(r @ template.centre + b, template.centre + np.asarray(a.shift_mm), atol=1e-9)
+
+    fast = load_synth_config(overrides=FAST)
+    anat = A.SubjectAnatomy(template, fields, fast, 1.0, subject_rng(0, 3, 1), reach=0.0)
+    session = anat.session({k: 0.0 for k in fields.fields})
+    out = A.Grid.centred(template.centre, (32, 40, 32), 6.0)
+    still = replace(a, rot_deg=(0.0, 0.0, 0.0), shift_mm=(0.0, 0.0, 0.0))
+    moved = replace(still, shift_mm=(6.0, 0.0, 0.0))
+    idx0, _, psi0, _ = anat.output_samples(session, out, 0.5, still.rigid(template.centre))
+    idx1, pts1, psi1, _ = anat.output_samples(session, out, 0.5, moved.rigid(template.centre))
+    at0 = {v: k for k, v in enumerate(zip(*idx0))}
+    pairs = [(k, at0[(i + 1, j, n)]) for k, (i, j, n) in enumerate(zip(*idx1)) if (i + 1, j, n) in at0]
+    assert len(pairs) > 0.9 * len(idx1[0])
+    k1, k0 = np.array(pairs).T
+    np.testing.assert_allclose(psi1[:, k1], psi0[:, k0], atol=1e-3)
+    assert np.allclose(pts1[0], out.origin[0] + out.spacing * idx1[0])  # output points stay the scanner's
+    # without motion the general path keeps exactly the voxels of the shared-grid fast path
+    truth_cfg = load_synth_config()
+    anat15 = A.SubjectAnatomy(template, fields, truth_cfg, 1.0, subject_rng(0, 3, 1), reach=0.0)
+    s15 = anat15.session({k: 0.0 for k in fields.fields})
+    grid15 = A.Grid.centred(template.centre, (128, 160, 128), 1.5)
+    fast_idx = anat15.output_samples(s15, grid15, 0.5)[0]
+    general_idx = anat15.output_samples(s15, grid15, 0.5, (np.eye(3), np.zeros(3)))[0]
+    assert set(zip(*fast_idx)) == set(zip(*general_idx))
+
+
+def test_tissue_transfer_maps_template_levels_to_the_visit(cfg):
+    from dataclasses import replace
+
+    from ldae.data.synthetic_image import tissue_transfer
+
+    p = sample_subjects(1, 0, cfg)[0]
+    a = replace(draw_acquisition(p, 0, cfg), contrast=1.02)
+    tpl = cfg["intensity"]["tissue"]["template"]
+    wm = tpl["wm"]
+    x = np.array([0.0, tpl["csf"] * wm, tpl["gm"] * wm, wm, wm + 0.1], np.float32)
+    y = tissue_transfer(x, p, a, cfg["intensity"])
+    expect = [0.0, (1 - 1.02 * (1 - p.csf_level)) * wm, (1 - 1.02 * (1 - p.gm_level)) * wm, wm, wm + 0.1]
+    np.testing.assert_allclose(y, expect, rtol=1e-6, atol=1e-6)
+    dense = tissue_transfer(np.linspace(0, 1.2, 500, dtype=np.float32), p, a, cfg["intensity"])
+    assert np.all(np.diff(dense) > 0)  # strictly monotone: no contrast inversion
+
+
+def test_subject_contrast_is_drawn_between_and_beyond_the_sources(cfg):
+    tissue = cfg["intensity"]["tissue"]
+    subjects = sample_subjects(60, 0, cfg)
+    gm = np.array([s.gm_level for s in subjects])
+    csf = np.array([s.csf_level for s in subjects])
+    src_gm = [v["gm"] for v in tissue["sources"].values()]
+    lo, hi = tissue["contrast"]
+    assert np.all(gm >= 1 - hi * (1 - min(src_gm)) - 1e-9) and np.all(gm <= 1 - lo * (1 - max(src_gm)) + 1e-9)
+    assert np.all((0 < csf) & (csf < gm) & (gm < 1))
+    assert gm.std() > 0.01 and gm.mean() < min(src_gm)  # varies, and stronger than the averaged sources
+    with pytest.raises(ConfigError, match="intensity.tissue.contrast"):
+        sample_subjects(2, 0, load_synth_config(overrides=["--intensity.tissue.contrast", "[1.0, 3.0]"]))
+
+
+def test_tissue_levels_measured_on_the_sources_match_the_config(template, cfg):
+    """The configured levels are what ldae.data.synthetic_contrast measures on the real scans."""
+    from ldae.data.synthetic_contrast import file_contrast, tissue_contrast
+    from ldae.data.templates import template_files
+
+    tissue = cfg["intensity"]["tissue"]
+    icbm = file_contrast(template_files().t1_brain)
+    assert icbm.gm == pytest.approx(tissue["sources"]["icbm2009c"]["gm"], abs=2e-3)
+    assert icbm.csf == pytest.approx(tissue["sources"]["icbm2009c"]["csf"], abs=5e-3)
+    loaded = tissue_contrast(template.intensity * (template.mask > 0.5))
+    assert loaded.wm == pytest.approx(tissue["template"]["wm"], abs=2e-3)
+    assert loaded.gm == pytest.approx(tissue["template"]["gm"], abs=2e-3)
+    colin = "/usr/share/mricron/templates/ch2bet.nii.gz"  # Debian mricron-data, optional
+    if __import__("os").path.isfile(colin):
+        c = file_contrast(colin)
+        assert c.gm == pytest.approx(tissue["sources"]["colin27"]["gm"], abs=2e-3)
+        assert c.csf == pytest.approx(tissue["sources"]["colin27"]["csf"], abs=5e-3)
+
+
+def test_acquisition_columns_reproduce_and_visits_differ_like_repeat_scans(tiny_cohort, tmp_path, cfg):
+    """cohort.csv records each visit's acquisition; consecutive visits differ (SSIM well below a copy's),
+    and far more than with the acquisition variation switched off."""
+    from ldae.evaluation.repeat_scans import consecutive_visit_ssim
+
+    raw = pd.read_csv(tiny_cohort / "cohort.csv", dtype={"subject": str})
+    two = load_synth_config(overrides=["--cohort.visits", "[2, 2]"])
+    for row in raw.to_dict("records"):
+        visits = tuple(int(v) for v in raw.loc[raw["subject"] == row["subject"], "session"])
+        a = draw_acquisition(subject_from_row(row, visits), int(row["session"]), two)
+        for key, value in a.as_columns().items():
+            assert row[key] == pytest.approx(value, abs=1e-9), key
+    ssim = consecutive_visit_ssim(read_cohort(tiny_cohort / "cohort.csv"))["ssim"]
+    assert len(ssim) == 3 and ssim.between(0.85, 0.995).all()
+    off = ["--acquisition.noise_factor", "[1, 1]", "--acquisition.bias_amplitude", "[0, 0]",
+           "--acquisition.rotation_deg", "[0, 0]", "--acquisition.shift_mm", "[0, 0]",
+           "--acquisition.contrast", "[1, 1]", "--intensity.noise_level", "[0.0, 0.0]"]
+    assert main(["synth", "--out", str(tmp_path / "same"), "--subjects", "3", "--seed", "5", "--workers", "1",
+                 "--quiet", *TINY_IMAGES, *FAST, *off]) == 0
+    same = consecutive_visit_ssim(read_cohort(tmp_path / "same" / "cohort.csv"))["ssim"]
+    assert same.min() > 0.995 and same.median() - ssim.median() > 0.01
+
+
+def test_bad_acquisition_ranges_name_the_key():
+    with pytest.raises(ConfigError, match=r"acquisition\.rotation_deg must be \[low, high\]"):
+        load_synth_config(overrides=["--acquisition.rotation_deg", "[1, -1]"])
+    with pytest.raises(ConfigError, match="acquisition.noise_factor must be positive"):
+        load_synth_config(overrides=["--acquisition.noise_factor", "[0, 1]"])
