@@ -147,6 +147,21 @@ def test_cohort_gap_from_ground_truth_columns() -> None:
     assert cohort_gap_pct(df.drop(columns=["ventricle_volume_ml"]))[0] == {}
 
 
+def test_cohort_gap_without_ground_truth_uses_the_first_alpha_volumes() -> None:
+    from ldae.evaluation.results import ManipulationArm
+    from ldae.evaluation.sections.manipulation import cohort_gap_pct
+
+    cn, ad = _volumes(5.0, -2.0), _volumes(-5.0, 2.0)
+    ad[["ventricle", "hippocampus"]] *= [1.4, 0.8]  # AD scans: 40 % larger ventricles, 20 % smaller hippocampi
+    arms = {"cn_to_ad": ManipulationArm(3, table=cn), "ad_to_cn": ManipulationArm(3, table=ad)}
+    gaps, source = cohort_gap_pct(pd.DataFrame({"diagnosis": ["CN", "AD"]}), arms, ALPHAS)
+    assert "atlas volumetry" in source
+    assert gaps["cn_to_ad"]["ventricle"] == pytest.approx(40.0) and gaps["cn_to_ad"]["hippocampus"] == pytest.approx(-20.0)
+    assert gaps["ad_to_cn"]["ventricle"] == pytest.approx(100 * (1 / 1.4 - 1))
+    gaps, source = cohort_gap_pct(pd.DataFrame({"diagnosis": ["CN"]}), {"cn_to_ad": arms["cn_to_ad"]}, ALPHAS)
+    assert gaps == {} and source.startswith("unavailable")
+
+
 class _StubScans:
     """What the sections read of a ScanCache: ``get`` and ``affine`` by row label."""
 

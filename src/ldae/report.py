@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ldae.config import STAGES
-from ldae.config import STAGES
 from ldae.io import write_text
 from ldae.runs import stage_dir
 
@@ -208,7 +207,7 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     parts.append("<h2>Interpolation and missing-timepoint prediction</h2>")
     parts.append(_img(ev / "interpolation_strip.png", "between two visits of one subject (LERP y_sem, SLERP z_T)"))
     parts += _interpolation_parts(metrics.get("interpolation", {}), metrics.get("interpolation_comparison") or {})
-    parts.append(_img(ev / "interpolation.png", "predicted missing visit vs AE reconstruction, by gap and position"))
+    parts.append(_img(ev / "interpolation.png", "predicted missing visit vs its input scan, by gap and position"))
 
     parts.append("<h2>Manipulation along the AD↔CN probe direction</h2>")
     man = metrics.get("manipulation", {})

@@ -46,5 +46,11 @@ def main(args: argparse.Namespace) -> int:
           + "".join(f", {name.replace('_', ' ')} {m['probe'][name]['ad_vs_cn']['auc']:.3f}"
                     for name in ("latent_pca", "oracle") if name in m["probe"])
           + f"); age MAE {learned['age']['mae']:.2f} y; AE SSIM {m['reconstruction']['autoencoder']['ssim']:.3f}")
+    interp = {k: v["ssim"] for k, v in m.get("interpolation", {}).items() if v.get("ssim") is not None}
+    if interp:
+        print("missing-visit SSIM: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in interp.items()))
+    checks = (m.get("manipulation") or {}).get("checks")
+    if checks:
+        print(f"manipulation direction checks: {'passed' if checks['passed'] else 'NOT passed'}")
     print(f"metrics -> {path}")
     return 0

@@ -12,8 +12,11 @@ in order, writes their tables and figures into ``out`` and ``out/metrics.json``
 * ``factors``: what y_sem encodes — a ridge probe per known factor column (``probes.factors``: ground-truth
   volumes, age), test-split R² for the learned and the untrained encoder and the latent PCA.
 * ``reconstruction``: :mod:`~ldae.evaluation.sections.reconstruction` (paper table 6).
-* ``interpolation``: :mod:`~ldae.evaluation.sections.interpolation` (missing-timepoint prediction).
-* ``manipulation``: :mod:`~ldae.evaluation.sections.manipulation` (volume change along the AD direction).
+* ``interpolation`` and ``interpolation_comparison``: :mod:`~ldae.evaluation.sections.interpolation`
+  (missing-timepoint prediction against copying the nearest visit, its LDAE reconstruction, latent LERP and
+  the autoencoder's reconstruction of the true visit; which beats which, with subject-bootstrap intervals).
+* ``manipulation``: :mod:`~ldae.evaluation.sections.manipulation` (volume change along the AD direction,
+  checked for sign and size against the cohort's own AD−CN difference).
 * ``baselines``: the voxel-space DAE and the supervised encoder, when the run holds them.
 """
 

@@ -116,24 +116,22 @@ def cohort_gap_pct(df: pd.DataFrame, arms: dict[str, ManipulationArm] | None = N
     from the atlas volumetry of both arms' first-α decodings (the same measurement as the changes);
     ``({}, reason)`` when neither is available. Returns ``(gaps, source)``."""
     means: dict[str, dict[str, float]] = {}
-    if all(f"{r}_volume_ml" in df.columns for r in REGIONS):
-        dx = df["diagnosis"].astype(str)
-        if (dx == "CN").any() and (dx == "AD").any():
-            means = {g: {r: float(pd.to_numeric(df.loc[dx == g, f"{r}_volume_ml"]).mean()) for r in REGIONS}
-                     for g in ("CN", "AD")}
-            source = "ground-truth volume columns, all CN and AD scans of the cohort"
-    if not means and arms and alphas:
-        base = {}
+    source = "unavailable: no ground-truth volumes and not both CN and AD test scans"
+    dx = df["diagnosis"].astype(str)
+    if all(f"{r}_volume_ml" in df.columns for r in REGIONS) and (dx == "CN").any() and (dx == "AD").any():
+        means = {g: {r: float(pd.to_numeric(df.loc[dx == g, f"{r}_volume_ml"]).mean()) for r in REGIONS}
+                 for g in ("CN", "AD")}
+        source = "ground-truth volume columns, all CN and AD scans of the cohort"
+    elif arms and alphas:
         for name, group in (("cn_to_ad", "CN"), ("ad_to_cn", "AD")):
             arm = arms.get(name)
             if arm is not None and arm.n_scans and arm.table is not None:
                 first = arm.table[arm.table["alpha"] == alphas[0]]
-                base[group] = {r: float(first[r].mean()) for r in REGIONS}
-        if len(base) == 2:
-            means = base
+                means[group] = {r: float(first[r].mean()) for r in REGIONS}
+        if len(means) == 2:
             source = "atlas volumetry of the first-α decodings of the manipulated CN and AD test scans"
-    if not means:
-        return {}, "unavailable: no ground-truth volumes and not both CN and AD test scans"
+    if len(means) != 2:
+        return {}, source
     cn, ad = means["CN"], means["AD"]
     gaps = {"cn_to_ad": {r: 100.0 * (ad[r] - cn[r]) / cn[r] for r in REGIONS},
             "ad_to_cn": {r: 100.0 * (cn[r] - ad[r]) / ad[r] for r in REGIONS}}
