@@ -6,6 +6,7 @@ Layout of a stage run folder ``cfg['out']``::
     checkpoints/best.ckpt  best by the stage's validation metric
     checkpoints/last.ckpt  latest (resume point)
     logs/metrics.csv       Lightning CSV logger
+    logs/events.out.tfevents.*  the same metrics (and the figures) for TensorBoard (``logging.tensorboard``)
     figures/               PNG mosaics written during validation
 
 Checkpoints carry ``checkpoint['ldae'] = {'stage', 'preset', 'config'}`` so that loading a checkpoint
@@ -158,6 +159,83 @@ def make_csv_logger(out: Path):
     return AppendingCSVLogger(str(out), name="logs", version="")
 
 
+def tensorboard_enabled(cfg: dict) -> bool:
+    """Whether a stage writes TensorBoard event files: the config's ``logging.tensorboard`` — ``auto`` (the
+    default: when the ``tensorboard`` package is installed), ``true`` (ConfigError without it) or ``false``."""
+    import importlib.util
+
+    from ldae.config import get_dotted
+
+    setting = get_dotted(cfg, "logging.tensorboard", "auto")
+    if setting not in (True, False, "auto"):
+        raise ConfigError(f"config key 'logging.tensorboard' must be auto, true or false, got {setting!r}")
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if setting is True and not installed:
+        raise ConfigError("config key 'logging.tensorboard' is true but the tensorboard package is not installed "
+                          "(pip install tensorboard, or set logging.tensorboard auto/false)")
+    return bool(setting is True or (setting == "auto" and installed))
+
+
+def make_loggers(cfg: dict, out: Path) -> list:
+    """The stage's loggers: ``out/logs/metrics.csv`` (:func:`make_csv_logger`) and, when
+    :func:`tensorboard_enabled`, TensorBoard event files in the same folder (``tensorboard --logdir RUN``
+    then shows every stage of a run side by side)."""
+    loggers = [make_csv_logger(out)]
+    if tensorboard_enabled(cfg):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(out), name="logs", version="", default_hp_metric=False))
+    return loggers
+
+
+def figure_logger():
+    """A Lightning callback that adds every new PNG in the run's ``figures/`` folder (the validation mosaics
+    and samples the stages save) to the TensorBoard logger as an image, tagged by its name without the
+    ``_epochNNN`` suffix and stepped by the global step. Figures that existed before the fit started (a
+    resumed run) are not added again."""
+    import re
+
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class FigureLogger(Callback):
+        def __init__(self) -> None:
+            self.seen: set[str] = set()
+
+        @staticmethod
+        def _figures(trainer: Any) -> list[Path]:
+            folder = Path(trainer.default_root_dir) / "figures"
+            return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self.seen = {p.name for p in self._figures(trainer)}
+
+        def _add_new(self, trainer: Any) -> None:
+            writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+            if not writers or not trainer.is_global_zero:
+                return
+            import matplotlib.image as mpimg
+            import numpy as np
+
+            for path in self._figures(trainer):
+                if path.name in self.seen:
+                    continue
+                self.seen.add(path.name)
+                image = mpimg.imread(path)  # float in [0, 1], H x W x (3|4)
+                rgb = (np.clip(image[..., :3], 0.0, 1.0) * 255).astype(np.uint8)
+                tag = "figures/" + re.sub(r"_epoch\d+$", "", path.stem)
+                for writer in writers:
+                    writer.add_image(tag, rgb, global_step=trainer.global_step, dataformats="HWC")
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            self._add_new(trainer)
+
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+            self._add_new(trainer)
+
+    return FigureLogger()
+
+
 def make_trainer(
     cfg: dict,
     out: Path,
@@ -189,10 +267,12 @@ def make_trainer(
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
+    loggers = make_loggers(cfg, out)
+    figures = [figure_logger()] if len(loggers) > 1 else []  # only TensorBoard shows images
     kwargs: dict[str, Any] = {
         "default_root_dir": str(out),
-        "logger": make_csv_logger(out),
-        "callbacks": [best, last, *(callbacks or [])],
+        "logger": loggers,
+        "callbacks": [best, last, *figures, *(callbacks or [])],
         "plugins": [make_checkpoint_io()],
         "enable_model_summary": False,
     }
