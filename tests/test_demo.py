@@ -75,3 +75,32 @@ def test_auc_aims_need_both_the_test_split_and_the_cross_validation() -> None:
     solid = check_aims(metrics(test, {"learned": 0.88, "untrained": 0.70, "oracle": 0.90}), aims)
     assert [a["met"] for a in solid] == [True, True]
     assert [a["met"] for a in check_aims(metrics(test, None), aims)] == [True, True]  # no CV: test split only
+
+
+def test_demo_aims_list_the_signed_checks_and_the_interpolation_baselines() -> None:
+    from ldae.jobs.demo import check_aims
+
+    def check(passed: bool, frac: float) -> dict:
+        return {"passed": passed, "fraction_of_gap_at_max_alpha": frac, "expected": "up", "reason": ""}
+
+    def pair(versus: str, lo: float, hi: float) -> dict:
+        return {"method": "ldae", "versus": versus, "metric": "ssim", "mean_difference": (lo + hi) / 2,
+                "ci95": [lo, hi], "winner": "ldae" if lo > 0 else (versus if hi < 0 else None)}
+
+    metrics = {"manipulation": {"alphas": [0.0, 1.5, 3.0], "checks": {
+        "min_gap_fraction": 0.25, "cn_to_ad": {"ventricle": check(False, -0.4), "hippocampus": check(True, 0.3)},
+        "ad_to_cn": {"ventricle": check(True, 0.5), "hippocampus": check(False, 0.1)}, "passed": False}},
+        "interpolation_comparison": {"pairs": [pair("nearest_visit", -0.02, -0.01), pair("latent_lerp", 0.01, 0.03),
+                                               pair("ldae_nearest_visit", -0.01, 0.02)]}}
+    aims = {"auc_gap_to_oracle_max": 0.05, "auc_gain_over_untrained_min": 0.1, "ldae_vs_ae_ssim_gap_max": 0.01,
+            "interpolation_must_beat": ["nearest_visit", "ldae_nearest_visit", "latent_lerp"]}
+    out = check_aims(metrics, aims)
+    by_name = {a["aim"]: a for a in out}
+    assert len(out) == 7
+    interp = [a for a in out if "interpolation" in a["aim"]]
+    assert [a["met"] for a in interp] == [False, False, True]  # nearest visit wins; no clear difference; LDAE wins
+    assert interp[0]["value"] == pytest.approx(-0.015) and interp[0]["interval"] == [-0.02, -0.01]
+    man = [a for a in out if "manipulation" in a["aim"]]
+    assert [a["met"] for a in man] == [False, True, True, False]
+    assert man[0]["value"] == pytest.approx(-0.4) and "ventricles up" in man[0]["aim"]
+    assert all(isinstance(a["met"], bool) for a in by_name.values())

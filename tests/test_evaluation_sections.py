@@ -223,77 +223,7 @@ def test_manipulation_section_judges_a_stub_model(tmp_path: Path, k: float, pass
     assert (tmp_path / "manipulation_cn_to_ad.csv").is_file() and (tmp_path / "manipulation_ad_to_cn.png").is_file()
 
 
-def test_demo_aims_list_the_signed_checks_and_the_interpolation_baselines() -> None:
-    from ldae.jobs.demo import check_aims
-
-    def check(passed: bool, frac: float) -> dict:
-        return {"passed": passed, "fraction_of_gap_at_max_alpha": frac, "expected": "up", "reason": ""}
-
-    def pair(versus: str, lo: float, hi: float) -> dict:
-        return {"method": "ldae", "versus": versus, "metric": "ssim", "mean_difference": (lo + hi) / 2,
-                "ci95": [lo, hi], "winner": "ldae" if lo > 0 else (versus if hi < 0 else None)}
-
-    metrics = {"manipulation": {"alphas": ALPHAS, "checks": {
-        "min_gap_fraction": 0.25, "cn_to_ad": {"ventricle": check(False, -0.4), "hippocampus": check(True, 0.3)},
-        "ad_to_cn": {"ventricle": check(True, 0.5), "hippocampus": check(False, 0.1)}, "passed": False}},
-        "interpolation_comparison": {"pairs": [pair("nearest_visit", -0.02, -0.01), pair("latent_lerp", 0.01, 0.03),
-                                               pair("ldae_nearest_visit", -0.01, 0.02)]}}
-    aims = {"auc_gap_to_oracle_max": 0.05, "auc_gain_over_untrained_min": 0.1, "ldae_vs_ae_ssim_gap_max": 0.01,
-            "interpolation_must_beat": ["nearest_visit", "ldae_nearest_visit", "latent_lerp"]}
-    out = check_aims(metrics, aims)
-    by_name = {a["aim"]: a for a in out}
-    assert len(out) == 7
-    interp = [a for a in out if "interpolation" in a["aim"]]
-    assert [a["met"] for a in interp] == [False, False, True]  # nearest visit wins; no clear difference; LDAE wins
-    assert interp[0]["value"] == pytest.approx(-0.015) and interp[0]["interval"] == [-0.02, -0.01]
-    man = [a for a in out if "manipulation" in a["aim"]]
-    assert [a["met"] for a in man] == [False, True, True, False]
-    assert man[0]["value"] == pytest.approx(-0.4) and "ventricles up" in man[0]["aim"]
-    assert all(isinstance(a["met"], bool) for a in by_name.values())
-
-
 # ----------------------------------------------------------------------------------- interpolation
-def test_subject_bootstrap_mean_ci_matches_a_plain_loop() -> None:
-    from ldae.evaluation.longitudinal import subject_bootstrap_mean_ci
-
-    rng = np.random.default_rng(3)
-    subject = np.array(["a", "a", "b", "c", "c", "c", "d"])
-    values = rng.normal(size=len(subject))
-    got = subject_bootstrap_mean_ci(values, subject, seed=7, replicates=500)
-    # reference: the same draws, one replicate at a time, the drawn subjects' rows concatenated
-    uniq = np.unique(subject)
-    draws = np.random.default_rng(7).integers(0, len(uniq), size=(500, len(uniq)))
-    means = [np.concatenate([values[subject == uniq[j]] for j in d]).mean() for d in draws]
-    np.testing.assert_allclose(got, np.percentile(means, [2.5, 97.5]), rtol=1e-12)
-    assert subject_bootstrap_mean_ci(values, ["x"] * len(values)) is None
-    assert subject_bootstrap_mean_ci(np.full(6, 0.25), list("aabbcc")) == [0.25, 0.25]
-
-
-def test_compare_methods_names_the_winner_per_pair_and_time_gap() -> None:
-    from ldae.evaluation.longitudinal import compare_methods, enumerate_triplets
-
-    rows = [(s, m) for s in ("A", "B", "C", "D") for m in (0, 6, 12, 36)]
-    tri = enumerate_triplets(pd.DataFrame(rows, columns=["subject", "session"]))
-    rng = np.random.default_rng(0)
-    frames = []
-    for method, ssim in (("ldae", 0.90), ("copy", 0.95), ("noise", 0.90)):
-        f = tri.copy()
-        f["method"] = method
-        f["ssim"] = ssim + (rng.normal(scale=0.05, size=len(f)) if method == "noise" else 0.001 * rng.normal(size=len(f)))
-        f["mse"] = 1 - f["ssim"]
-        frames.append(f)
-    out = compare_methods(pd.concat(frames, ignore_index=True), ["ldae", "copy", "noise"], {"ssim": True, "mse": False})
-    pairs = {(p["method"], p["versus"], p["metric"]): p for p in out}
-    assert len(out) == 6
-    p = pairs["ldae", "copy", "ssim"]
-    assert p["winner"] == "copy" and p["mean_difference"] == pytest.approx(-0.05, abs=2e-3)
-    assert p["ci95"][0] < p["mean_difference"] < p["ci95"][1] < 0 and p["n_subjects"] == 4 and p["n_triplets"] == 16
-    assert pairs["ldae", "copy", "mse"]["winner"] == "copy"  # lower MSE is better: same verdict
-    # time gaps of the triplets: 12, 36 (x3) per subject -> bins 0-12 and 24-36
-    assert {k: v["n_triplets"] for k, v in p["by_time_gap"].items()} == {"0-12": 4, "24-36": 12}
-    assert all(v["winner"] == "copy" for v in p["by_time_gap"].values())
-
-
 class _LinearModel:
     """A fake LDAE whose autoencoder and diffusion are perfect: compress/decompress are the identity,
     encode returns (mean intensity, the volume) and decode returns z_T."""

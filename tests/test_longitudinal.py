@@ -1,5 +1,5 @@
 """Missing-timepoint bookkeeping: exact triplets on a hand-made cohort, slerp/lerp properties, nearest visit,
-stratified summaries."""
+stratified summaries, paired method comparisons with subject-bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -180,3 +180,44 @@ def test_triplet_and_training_plots_write_png(tmp_path) -> None:
     pd.DataFrame({"step": [1], "note": ["x"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(LDAEError, match="no numeric metric"):
         plot_training_curves(tmp_path / "x.png", tmp_path / "bad.csv")
+
+
+def test_subject_bootstrap_mean_ci_matches_a_plain_loop() -> None:
+    from ldae.evaluation.longitudinal import subject_bootstrap_mean_ci
+
+    rng = np.random.default_rng(3)
+    subject = np.array(["a", "a", "b", "c", "c", "c", "d"])
+    values = rng.normal(size=len(subject))
+    got = subject_bootstrap_mean_ci(values, subject, seed=7, replicates=500)
+    # reference: the same draws, one replicate at a time, the drawn subjects' rows concatenated
+    uniq = np.unique(subject)
+    draws = np.random.default_rng(7).integers(0, len(uniq), size=(500, len(uniq)))
+    means = [np.concatenate([values[subject == uniq[j]] for j in d]).mean() for d in draws]
+    np.testing.assert_allclose(got, np.percentile(means, [2.5, 97.5]), rtol=1e-12)
+    assert subject_bootstrap_mean_ci(values, ["x"] * len(values)) is None
+    assert subject_bootstrap_mean_ci(np.full(6, 0.25), list("aabbcc")) == [0.25, 0.25]
+
+
+def test_compare_methods_names_the_winner_per_pair_and_time_gap() -> None:
+    from ldae.evaluation.longitudinal import compare_methods, enumerate_triplets
+
+    rows = [(s, m) for s in ("A", "B", "C", "D") for m in (0, 6, 12, 36)]
+    tri = enumerate_triplets(pd.DataFrame(rows, columns=["subject", "session"]))
+    rng = np.random.default_rng(0)
+    frames = []
+    for method, ssim in (("ldae", 0.90), ("copy", 0.95), ("noise", 0.90)):
+        f = tri.copy()
+        f["method"] = method
+        f["ssim"] = ssim + (rng.normal(scale=0.05, size=len(f)) if method == "noise" else 0.001 * rng.normal(size=len(f)))
+        f["mse"] = 1 - f["ssim"]
+        frames.append(f)
+    out = compare_methods(pd.concat(frames, ignore_index=True), ["ldae", "copy", "noise"], {"ssim": True, "mse": False})
+    pairs = {(p["method"], p["versus"], p["metric"]): p for p in out}
+    assert len(out) == 6
+    p = pairs["ldae", "copy", "ssim"]
+    assert p["winner"] == "copy" and p["mean_difference"] == pytest.approx(-0.05, abs=2e-3)
+    assert p["ci95"][0] < p["mean_difference"] < p["ci95"][1] < 0 and p["n_subjects"] == 4 and p["n_triplets"] == 16
+    assert pairs["ldae", "copy", "mse"]["winner"] == "copy"  # lower MSE is better: same verdict
+    # time gaps of the triplets: 12, 36 (x3) per subject -> bins 0-12 and 24-36
+    assert {k: v["n_triplets"] for k, v in p["by_time_gap"].items()} == {"0-12": 4, "24-36": 12}
+    assert all(v["winner"] == "copy" for v in p["by_time_gap"].values())
