@@ -80,7 +80,7 @@ def test_planted_signal_recovered_and_auc_matches_brute_force() -> None:
     assert (p1 > p0).all()
     np.testing.assert_allclose(p0, res["test_score"], rtol=1e-10, atol=1e-12)
     # metrics from the confusion matrix, computed by hand
-    pred = (res["test_score"] >= 0.5).astype(int)
+    pred = (res["test_score"] >= res["threshold"]).astype(int)
     tp, tn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 0) & (y == 0)).sum())
     fp, fn = int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
     assert res["recall"] == pytest.approx(tp / (tp + fn))
@@ -246,3 +246,74 @@ def test_pca_features_match_scikit_learn_fitted_on_the_fit_rows_only() -> None:
     assert pca_features(X, fit, 99).shape == (40, 24)  # at most n_fit - 1 components
     with pytest.raises(LDAEError, match="at least 2 fit rows"):
         pca_features(X, np.arange(40) == 0, 3)
+
+
+def _imbalanced_weak_cohort(seed: int = 3):
+    """One informative feature, AD:CN = 1:3 per split, weak signal: every C gives the same ranking (the CV AUC
+    ties, so the old rule took the strongest C = 1e-4) and P(AD) of an unweighted fit sits at the prior."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(160):
+        dx = "AD" if s % 4 == 0 else "CN"
+        split = "test" if s % 5 == 0 else "train"
+        level = 1.0 if dx == "AD" else 0.0
+        for k in range(2):
+            rows.append((f"s{s:03d}", dx, split, level + 0.8 * rng.normal()))
+    subject, dx, split, x = map(np.array, zip(*rows))
+    return x[:, None], dx, split, subject
+
+
+def test_collapse_case_thresholded_metrics_are_not_degenerate() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, f1_score, matthews_corrcoef, recall_score, roc_curve
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    X, dx, split, subject = _imbalanced_weak_cohort()
+    y = (dx == "AD").astype(int)
+    fit, test = split == "train", split == "test"
+    mean, std = X[fit].mean(0), X[fit].std(0)
+    # the old rule: unweighted fit at the tied-best (strongest) C, cut at 1/2 -> every test scan predicted CN
+    old = LogisticRegression(C=1e-4, max_iter=5000).fit((X[fit] - mean) / std, y[fit])
+    p_old = old.predict_proba((X[test] - mean) / std)[:, 1]
+    assert (p_old < 0.5).all() and abs(p_old.mean() - y[fit].mean()) < 0.01
+
+    res = probe_ad_vs_cn(X, dx, split, subject, seed=0)
+    assert res["C"] == 1e-4  # the CV AUC still ties across C: the same choice as before ...
+    yt = y[res["test_index"]]
+    pred = (res["test_score"] >= res["threshold"]).astype(int)
+    assert 0 < pred.sum() < len(pred)  # ... but both classes are predicted now
+    assert res["recall"] > 0.5 and res["f1"] > 0.4 and res["mcc"] > 0.3 and res["balanced_accuracy"] > 0.65
+    # the metrics are scikit-learn's on the reported threshold
+    assert res["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(yt, pred))
+    assert res["recall"] == pytest.approx(recall_score(yt, pred))
+    assert res["f1"] == pytest.approx(f1_score(yt, pred))
+    assert res["mcc"] == pytest.approx(matthews_corrcoef(yt, pred))
+    # the threshold: best Youden's J of the out-of-fold scores (reproduced independently, scikit-learn's ROC)
+    Xf, yf, gf = X[fit], y[fit], subject[fit]
+    oof = np.empty(len(yf))
+    for tr, va in StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=0).split(Xf, yf, gf):
+        m, sd = Xf[tr].mean(0), Xf[tr].std(0)
+        clf = LogisticRegression(C=1e-4, max_iter=5000, random_state=0, class_weight="balanced")
+        clf.fit((Xf[tr] - m) / sd, yf[tr])
+        oof[va] = clf.predict_proba((Xf[va] - m) / sd)[:, 1]
+    fpr, tpr, _ = roc_curve(yf, oof)
+    best_j = float(np.max(tpr - fpr))
+    assert 2 * res["threshold_cv_balanced_accuracy"] - 1 == pytest.approx(best_j, abs=1e-9)
+    oof_pred = oof >= res["threshold"]
+    assert balanced_accuracy_score(yf, oof_pred) == pytest.approx(res["threshold_cv_balanced_accuracy"], abs=1e-9)
+    # the class-balanced fit is centred: its mean training P(AD) is near 1/2, not the prior 1/4
+    assert abs(float(np.mean(res["test_score"])) - 0.5) < 0.05
+
+
+def test_balanced_threshold_by_hand() -> None:
+    from ldae.evaluation.probes import balanced_threshold
+
+    y = np.array([0, 0, 0, 1, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7])
+    t, b = balanced_threshold(y, s)
+    # cut between 0.3 and 0.35: TPR 1, TNR 3/4 -> 0.875; between 0.4 and 0.6: TPR 2/3, TNR 1 -> 0.833
+    assert t == pytest.approx(0.325) and b == pytest.approx(0.875)
+    # a perfectly separable tie set: the candidate nearest 1/2 wins
+    t2, b2 = balanced_threshold(np.array([0, 1]), np.array([0.2, 0.9]))
+    assert t2 == pytest.approx(0.55) and b2 == 1.0
+    assert balanced_threshold(np.array([1, 1]), np.array([0.2, 0.3]))[0] == 0.5

@@ -8,6 +8,14 @@ Protocol, identical for both probes:
   over the fit rows (``StratifiedGroupKFold`` for AD vs CN, ``GroupKFold`` for age; at most 5 folds), so
   no subject's sessions are on both sides of a validation split; the criterion is mean validation ROC-AUC
   (classification) or mean validation MAE (age); ties go to the stronger regularisation;
+* the logistic fit is **class-balanced** (each class weighs half of the loss, ``class_weight="balanced"``),
+  so a strongly regularised probe sits at P(AD) = 1/2, not at the training prior;
+* the decision threshold on P(AD) is chosen by the same cross-validation: the out-of-fold P(AD) of every
+  fit row at the chosen ``C`` is thresholded where the balanced accuracy ``(TPR + TNR) / 2`` (Youden's
+  ``J = TPR + TNR - 1``, shifted) is highest (candidates: midpoints between consecutive distinct
+  out-of-fold scores; ties go to the one nearest 1/2), and that threshold is applied to the test rows.
+  Why: with the prior-weighted fit and a fixed 1/2, the tie rule toward strong regularisation put every
+  P(AD) at the training prior (< 1/2), so accuracy/F1/MCC collapsed to "all CN" while the AUC was 0.84;
 * the probe is refit on all fit rows with the chosen value and evaluated once on the test rows;
 * test metrics carry a 95 % interval from a bootstrap over test *subjects* (a subject's sessions are
   resampled together: they are not independent), because a test split of a few dozen subjects moves
@@ -40,6 +48,8 @@ NEGATIVE = "CN"
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 MAX_FOLDS = 5
+#: the logistic probe weighs each class by n / (2 n_class): a strongly regularised fit sits at P(AD) = 1/2
+CLASS_WEIGHT = "balanced"
 BOOTSTRAP_REPLICATES = 2000
 PROBES_FORMAT = "ldae-probes-v1"
 # Keys holding arrays (kept out of metrics tables by :func:`scalar_metrics`).
@@ -175,6 +185,28 @@ def subject_bootstrap_ci(metric: Callable[[np.ndarray], float | None], subject: 
     return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
 
 
+def balanced_threshold(y: Any, score: Any) -> tuple[float, float]:
+    """``(threshold, balanced accuracy)``: the cut on ``score`` (predict positive when ``score >= threshold``)
+    that maximises the balanced accuracy ``(TPR + TNR) / 2`` on ``(y, score)``, i.e. Youden's J.
+
+    Candidates are the midpoints between consecutive distinct scores (and one below/above all of them, which
+    give 1/2); ties go to the candidate nearest 1/2, the class-balanced fit's neutral point. ``(0.5, nan)``
+    when ``y`` lacks a class.
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5, float("nan")
+    u = np.unique(score)
+    cands = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2, [u[-1] + 1.0]]) if len(u) > 1 else np.array([u[0]])
+    pred = score[None, :] >= cands[:, None]
+    bacc = 0.5 * ((pred & y).sum(axis=1) / n_pos + (~pred & ~y).sum(axis=1) / n_neg)
+    best = np.flatnonzero(bacc >= bacc.max() - 1e-12)
+    i = best[np.argmin(np.abs(cands[best] - 0.5))]
+    return float(cands[i]), float(bacc[i])
+
+
 def probe_ad_vs_cn(
     X: Any,
     diagnosis: Any,
@@ -196,14 +228,16 @@ def probe_ad_vs_cn(
         fit_splits: splits the probe is fitted (and cross-validated) on.
 
     Returns:
-        dict with accuracy, precision, recall, f1, mcc, auc (test), n_train/n_test (+ subjects), the chosen
-        ``C`` and per-C validation AUC, ``positive_class``, ``dropped`` (label -> rows), ``classes``,
+        dict with accuracy, balanced_accuracy, precision, recall, f1, mcc (test, at ``threshold``: the
+        cross-validated P(AD) cut, with its out-of-fold balanced accuracy ``threshold_cv_balanced_accuracy``),
+        auc (test), n_train/n_test (+ subjects), the chosen ``C`` and per-C validation AUC, ``positive_class``, ``dropped`` (label -> rows), ``classes``,
         the model (``coef``/``intercept`` in standardised space, ``mean``/``scale``), the unit
         ``direction`` in the original space, and ``test_index``/``test_score`` (P(AD) per test row).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import (
         accuracy_score,
+        balanced_accuracy_score,
         f1_score,
         matthews_corrcoef,
         precision_score,
@@ -241,7 +275,8 @@ def probe_ad_vs_cn(
     folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(Xf, yf, gf))
 
     def _fit(Xa: np.ndarray, ya: np.ndarray, C: float) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
-        return _fit_standardised(LogisticRegression(C=C, max_iter=5000, random_state=seed), Xa, ya)
+        return _fit_standardised(LogisticRegression(C=C, max_iter=5000, random_state=seed, class_weight=CLASS_WEIGHT),
+                                 Xa, ya)
 
     def _val_auc(tr: np.ndarray, va: np.ndarray, C: float) -> float | None:
         if len(np.unique(yf[tr])) < 2 or len(np.unique(yf[va])) < 2:
@@ -252,6 +287,15 @@ def probe_ad_vs_cn(
     cv_auc = _cross_validate(Cs, folds, _val_auc)
     best_C = _pick(Cs, cv_auc, higher_is_better=True, strongest_first=True)
 
+    oof = np.full(len(yf), np.nan)
+    for tr, va in folds:
+        if len(np.unique(yf[tr])) < 2:
+            continue
+        fold_clf, fold_mean, fold_scale = _fit(Xf[tr], yf[tr], best_C)
+        oof[va] = fold_clf.predict_proba((Xf[va] - fold_mean) / fold_scale)[:, 1]
+    scored = np.isfinite(oof)
+    threshold, cv_bacc = balanced_threshold(yf[scored], oof[scored])
+
     clf, mean, scale = _fit(Xf, yf, best_C)
     coef = clf.coef_[0].astype(np.float64)
     intercept = float(clf.intercept_[0])
@@ -260,7 +304,7 @@ def probe_ad_vs_cn(
     direction = raw / norm if norm > 0 else raw
     Xt, yt = X[test], y[test]
     score = clf.predict_proba((Xt - mean) / scale)[:, 1]
-    pred = (score >= 0.5).astype(int)
+    pred = (score >= threshold).astype(int)
 
     def _boot_auc(rows: np.ndarray) -> float | None:
         return rank_auc(yt[rows], score[rows])
@@ -271,6 +315,7 @@ def probe_ad_vs_cn(
         "classes": [negative, positive],
         "dropped": dropped,
         "accuracy": float(accuracy_score(yt, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(yt, pred)),
         "precision": float(precision_score(yt, pred, zero_division=0)),
         "recall": float(recall_score(yt, pred, zero_division=0)),
         "f1": float(f1_score(yt, pred, zero_division=0)),
@@ -285,7 +330,10 @@ def probe_ad_vs_cn(
         "cv_auc": {repr(float(c)): a for c, a in zip(Cs, cv_auc)},
         "cv_auc_best": cv_auc[list(Cs).index(best_C)],
         "selection": f"StratifiedGroupKFold({k}) by subject over {list(fit_splits)} rows, mean validation ROC-AUC",
-        "threshold": 0.5,
+        "threshold": threshold,
+        "threshold_cv_balanced_accuracy": cv_bacc,
+        "threshold_selection": f"class-balanced fit; P(AD) threshold maximising the balanced accuracy of the "
+                               f"out-of-fold scores of the same StratifiedGroupKFold({k}) at the chosen C",
         "coef": coef,
         "intercept": intercept,
         "mean": mean,
@@ -467,7 +515,7 @@ def save_probes(path: str | Path, ad_vs_cn: dict[str, Any], age: dict[str, Any],
         "threshold",
     )
     age_keys = ("coef", "intercept", "mean", "scale", "alpha")
-    metric_keys = ("accuracy", "precision", "recall", "f1", "mcc", "auc", "mae", "rmse", "n_train", "n_test")
+    metric_keys = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "mcc", "auc", "mae", "rmse", "n_train", "n_test")
     obj = {
         "format": PROBES_FORMAT,
         "ad_vs_cn": _model_part(ad_vs_cn, ad_keys)
