@@ -77,8 +77,10 @@ def model(probed: ProbedRun):
 
 
 def _write(path: Path, data: np.ndarray, spacing: float = 6.0) -> Path:
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(path))
+    """``data`` on the MNI-centred grid of its shape at ``spacing`` mm (the model's grid for 6 mm 32x40x32)."""
+    from ldae.data.geometry import model_grid_affine
+
+    nib.save(nib.Nifti1Image(data.astype(np.float32), model_grid_affine(spacing, data.shape)), str(path))
     return path
 
 
@@ -171,23 +173,24 @@ def test_missing_unreadable_and_4d_scans_are_named(probed: ProbedRun, tmp_path: 
 
 
 def test_wrong_field_of_view_is_named(probed: ProbedRun, model, tmp_path: Path):
-    """A raw-like grid (1 mm, 64³ = 64 mm field of view) is refused; the model's grid (6 mm, 32×40×32) passes."""
+    """A raw-like grid (1 mm, 64³ = 64 mm field of view around the MNI centre) misses most of the brain and is
+    refused before any scan is encoded; the model's grid (6 mm, 32×40×32) passes, and so does a grid whose
+    voxel axes are permuted in the affine (the scan is resampled by its affine)."""
+    from ldae.data.geometry import model_grid_affine
     from ldae.jobs.predict import check_scan, predict
 
     rng = np.random.default_rng(0)
     raw = _write(tmp_path / "raw.nii.gz", rng.random((64, 64, 64)), spacing=1.0)
-    with pytest.raises(CohortError, match="raw.nii.gz: field of view 64 x 64 x 64 mm .*--preprocess"):
+    with pytest.raises(CohortError, match=r"raw.nii.gz: field of view \(.*\) does not cover the brain.*--preprocess"):
         predict(model, [probed.df["path"].iloc[0], raw], progress=False)
     check_scan(_write(tmp_path / "ok.nii.gz", rng.random((32, 40, 32))), 6.0, (32, 40, 32))
-    # axis order follows the world (RAS) axes: a 40x32x32 grid with X and Y swapped in the affine passes
     swapped = np.zeros((4, 4))
     swapped[0, 1] = swapped[1, 0] = swapped[2, 2] = 6.0
     swapped[3, 3] = 1.0
+    swapped[:3, 3] = model_grid_affine(6.0, (32, 40, 32))[:3, 3]
     nib.save(nib.Nifti1Image(rng.random((40, 32, 32)).astype(np.float32), swapped), str(tmp_path / "sw.nii.gz"))
     check_scan(tmp_path / "sw.nii.gz", 6.0, (32, 40, 32))
-    with pytest.raises(CohortError):
-        check_scan(tmp_path / "sw.nii.gz", 6.0, (40, 32, 32))
-    check_scan(raw, 6.0, (32, 40, 32), fov_tolerance=float("inf"))  # check disabled
+    check_scan(raw, 6.0, (32, 40, 32), fov_tolerance=float("inf"))  # header-only check
 
 
 def test_bad_voxels_error_names_file(probed: ProbedRun, model, tmp_path: Path):

@@ -52,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
     from ldae.io import write_csv
     from ldae.jobs.predict import predict
 
+    for option, value in (("--csv", args.csv), ("--save-embeddings", args.save_embeddings)):
+        _check_output_file(option, value)  # before any computation
     result = predict(args.model, args.scans, probes=args.probes, batch_size=args.batch_size,
                      preprocess=args.preprocess, preprocess_config=args.preprocess_config,
                      fov_tolerance=args.fov_tolerance, device=resolve_device(args.device))
@@ -67,3 +69,22 @@ def main(args: argparse.Namespace) -> int:
             if path:
                 print(f"{what} -> {path}")
     return 0
+
+
+def _check_output_file(option: str, value: str | None) -> None:
+    """LDAEError unless ``value`` (an output file) can be written: not a folder, its folder writable."""
+    import os
+    from pathlib import Path
+
+    from ldae.errors import LDAEError
+
+    if not value:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise LDAEError(f"{path}: {option} is a folder; it needs a file name")
+    parent = path.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise LDAEError(f"{path}: {option} cannot be written ({parent} is not a writable folder)")

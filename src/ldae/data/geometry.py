@@ -163,11 +163,16 @@ def header_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, tupl
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64) if img.affine is not None else np.eye(4)
         header = img.header
-        codes = None
+        codes = pixdim = None
         if "qform_code" in header and "sform_code" in header:
             codes = (int(header["qform_code"]), int(header["sform_code"]))
+            pixdim = _raw_pixdim(path, header) if codes[1] == 0 and codes[0] > 0 else None
     except Exception as exc:  # nibabel raises many types for foreign or truncated files
         raise CohortError(f"{path}: cannot read NIfTI ({describe(exc)})") from None
+    if codes is not None and codes[1] == 0 and codes[0] > 0 and pixdim is not None and np.any(pixdim == 0):
+        # the qform places the volume; nibabel silently replaces a zero pixdim by 1 mm, which is a guess
+        raise CohortError(f"{path}: degenerate affine (voxel size pixdim {', '.join(f'{v:g}' for v in pixdim)} mm: "
+                          "pixdim 0): cannot place it on the model's grid")
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:  # the wording of ldae.data.transforms.validate_volume
@@ -175,6 +180,19 @@ def header_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, tupl
     if min(shape) < 2:
         raise CohortError(f"{path}: volume has a degenerate shape {shape}")
     return shape, affine, codes
+
+
+def _raw_pixdim(path: Path, header: object) -> np.ndarray | None:
+    """The voxel sizes as stored in a single-file NIfTI header (nibabel's checked header has already
+    replaced a zero pixdim by 1); None when the header cannot be re-read unchecked."""
+    import nibabel as nib
+
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            raw = type(header).from_fileobj(fh, check=False)  # type: ignore[attr-defined]
+        return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a header pair (.hdr/.img) or another format: keep nibabel's reading
+        return None
 
 
 def check_geometry(path: str | Path, grid: ModelGrid | None = None) -> tuple[tuple[int, ...], np.ndarray]:
