@@ -118,21 +118,6 @@ def test_autoencoder_equals_official() -> None:
     assert_close_to_official(decoded, e["decoded"], "decoded")
 
 
-@pytest.mark.slow
-def test_encoder_and_classifier_equal_official() -> None:
-    """ConvNeXt-Small over 2 × 128 slices of 128×160 on the CPU: ~100 s on 2 busy cores (measured)."""
-    encoder = W.build_encoder(R.state_dict("encoder_paper"), "encoder.pth").eval()
-    e = R.expected()
-    x = R.rule_input(e["encoder_paper"]["input_seed"], e["encoder_paper"]["input_shape"], "rand")
-    start = time.perf_counter()
-    with torch.no_grad():
-        y = encoder(x)  # model-ready (B, 1, X, Y, Z); the official network was fed x.permute(0, 1, 4, 2, 3)
-    print(f"paper encoder on {tuple(x.shape)}: {time.perf_counter() - start:.1f} s")
-    assert_close_to_official(y, e["encoder_paper"]["y_sem"], "y_sem")
-    w, b = W.classifier_weights(R.state_dict("classifier"), encoder.emb_dim)
-    assert_close_to_official(y @ w.T + b, e["classifier"]["logit"], "classifier logit")
-
-
 # ----------------------------------------------------------------------------- strictness
 
 
@@ -272,3 +257,217 @@ def test_official_encoder_interface() -> None:
         assert not torch.allclose(enc(x.flip(-1)), y, atol=1e-4)
     with pytest.raises(Exception, match="unknown key 'output_norm'"):
         build_semantic_encoder({**cfg, "output_norm": True})
+
+
+# ----------------------------------------------------------------------------- ldae import-official
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The regenerated release (paper encoder, reduced decoder and autoencoder) with y_sem statistics
+    0 / 1, so that the release classifier's logit on standardised y_sem is the fixture's logit."""
+    folder = tmp_path_factory.mktemp("release")
+    paths = R.write_release(folder)
+    paths["semantic_mean"], paths["semantic_std"] = folder / "semantic_mean.pt", folder / "semantic_std.pt"
+    torch.save(torch.zeros(768), paths["semantic_mean"])
+    torch.save(torch.ones(768), paths["semantic_std"])
+    return paths
+
+
+def _import_args(paths: dict, out, **replace) -> list[str]:
+    files = {**paths, **replace}
+    args = ["import-official", "--autoencoder", str(files["autoencoder"]), "--encoder", str(files["encoder"]),
+            "--decoder", str(files["decoder"]), "--autoencoder-norm-groups", "8", "--out", str(out)]
+    for role in ("classifier", "semantic_mean", "semantic_std"):
+        if files.get(role) is not None:
+            args += [f"--{role.replace('_', '-')}", str(files[role])]
+    return args
+
+
+@pytest.fixture(scope="module")
+def official_run(release: dict, tmp_path_factory: pytest.TempPathFactory):
+    from ldae.cli import main
+
+    out = tmp_path_factory.mktemp("imported") / "run"
+    assert main(_import_args(release, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(official_run):
+    from ldae.model import LDAE
+
+    return LDAE.load(official_run)
+
+
+def test_import_writes_an_ldae_run_with_the_release_facts(official_run, release) -> None:
+    import json
+
+    from ldae.checkpoints import open_checkpoint
+
+    for stage in ("autoencoder", "diffusion", "representation"):
+        ckpt = open_checkpoint(official_run / stage / "checkpoints" / "best.ckpt", stage)
+        assert ckpt.meta.extra["imported_from"].startswith("LDAE, official release")
+    assert open_checkpoint(official_run / "diffusion/checkpoints/best.ckpt", "diffusion").meta.scale_factor == 0.873
+    facts = json.loads((official_run / "release" / "release.json").read_text())
+    assert facts["scale_factor"] == 0.873 and facts["spacing"] == 1.5 and facts["shape"] == [128, 160, 128]
+    assert "sampled" in facts["training_latents"] and "ScaleIntensityd" in facts["preprocessing"]
+    assert facts["architectures"]["unet"]["channels"] == [32, 64, 96]  # read from the decoder's shapes
+    assert facts["architectures"]["semantic_encoder"]["backbone"] == "convnext_small"
+    assert facts["files"]["decoder"]["bytes"] == release["decoder"].stat().st_size
+    assert [p.name for p in official_run.parent.iterdir()] == ["run"]  # no temporary folder left
+
+
+def test_imported_decoder_equals_official(model) -> None:
+    from ldae.diffusion.pdae import unet_and_shift
+    from ldae.nets.adm_unet import ADMShiftDecoder, ADMUNet
+
+    assert isinstance(model.unet, ADMUNet) and isinstance(model.shift, ADMShiftDecoder)
+    assert model.scale_factor == pytest.approx(0.873) and model.latent_shape == (3, 16, 20, 16)
+    e = R.expected()["decoder_small"]
+    with torch.no_grad():
+        eps, g = unet_and_shift(model.unet, model.shift, e["z"], e["t"], e["y"])  # the shift pass of sampling
+    print(f"decoder max |diff|: eps {assert_close_to_official(eps, e['eps'], 'eps'):.2e}, "
+          f"shift {assert_close_to_official(g, e['shift'], 'shift'):.2e}")
+    assert torch.equal(model.unet(e["z"], e["t"]), eps)
+
+
+def test_imported_autoencoder_equals_official(model) -> None:
+    e = R.expected()["autoencoder_small"]
+    x = R.rule_input(e["input_seed"], e["input_shape"], "rand")
+    with torch.no_grad():
+        mu, sigma = model.autoencoder.encode(x)
+    d_mu = assert_close_to_official(mu, e["z_mu"], "z_mu")
+    d_sigma = assert_close_to_official(sigma, e["z_sigma"], "z_sigma")
+    decoded = model.decompress(e["z_mu"] * model.scale_factor)  # ldae's volumes are clamped to [0, 1]
+    d_dec = assert_close_to_official(decoded, e["decoded"].clamp(0, 1), "decoded")
+    with torch.no_grad():
+        assert_close_to_official(model.autoencoder.decode(e["z_mu"]), e["decoded"], "decoded (raw)")
+    print(f"autoencoder max |diff|: z_mu {d_mu:.2e}, z_sigma {d_sigma:.2e}, decoded {d_dec:.2e}")
+    big = torch.rand(1, 1, *model.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model.compress(big), model.autoencoder.encode(big)[0] * 0.873)
+
+
+@pytest.mark.slow
+def test_imported_encoder_and_classifier_equal_official(model, official_run) -> None:
+    """model.semantic on the model-ready input and the release classifier's P(AD): ConvNeXt-Small over
+    2 × 128 slices of 128×160 on the CPU, ~100 s on 2 busy cores (measured), hence slow."""
+    from ldae.jobs.import_official import load_release_classifier, release_classifier_path, release_p_ad
+
+    e = R.expected()
+    x = R.rule_input(e["encoder_paper"]["input_seed"], e["encoder_paper"]["input_shape"], "rand")
+    probes = load_release_classifier(release_classifier_path(official_run))
+    start = time.perf_counter()
+    with torch.no_grad():
+        y = model.semantic(x)
+    print(f"paper encoder on {tuple(x.shape)}: {time.perf_counter() - start:.1f} s")
+    d_y = assert_close_to_official(y, e["encoder_paper"]["y_sem"], "y_sem")
+    logit_cn = torch.from_numpy(-(((y.double().numpy() - probes["ad_vs_cn"]["mean"]) / probes["ad_vs_cn"]["scale"])
+                                  @ probes["ad_vs_cn"]["coef"] + probes["ad_vs_cn"]["intercept"]))
+    d_logit = assert_close_to_official(logit_cn.reshape(-1, 1), e["classifier"]["logit"], "classifier logit")
+    print(f"encoder max |diff| y_sem {d_y:.2e}; classifier logit {d_logit:.2e}")
+    p_ad = release_p_ad(probes, y.double().numpy())  # ldae predict's P(AD) from the release classifier
+    assert torch.allclose(torch.from_numpy(p_ad), torch.sigmoid(-e["classifier"]["logit"].double()).reshape(-1),
+                          atol=1e-5)
+
+
+def test_predict_uses_the_release_classifier(official_run) -> None:
+    """``ldae predict`` on an imported run: P(AD) from the release classifier, σ(−(w·(y−μ)/σ + b)) (its
+    positive logit is CN), no age probe."""
+    import numpy as np
+
+    from ldae.jobs.import_official import release_classifier_path
+    from ldae.jobs.predict import _check_probe_size, load_run_probes, predict_volumes
+
+    probes, path = load_run_probes(official_run)
+    assert path == release_classifier_path(official_run) and probes["ad_vs_cn"]["positive_class"] == "AD"
+    model = _Stub(torch.randn(3, 768, generator=torch.Generator().manual_seed(5)))
+    _check_probe_size(probes, model, path)
+    p_ad, age, _ = predict_volumes(model, probes, None)
+    w = R.state_dict("classifier")
+    logit_cn = (model.y.double() @ w["weight"].double().T + w["bias"].double()).reshape(-1)  # μ = 0, σ = 1 here
+    assert np.allclose(p_ad, torch.sigmoid(-logit_cn).numpy(), atol=1e-12) and np.isnan(age).all()
+
+
+class _Stub:
+    """A model whose y_sem is given (predict's step after the encoder)."""
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self.y = y
+        self.encoder = type("E", (), {"emb_dim": y.shape[1]})()
+
+    def semantic(self, x: object) -> torch.Tensor:
+        return self.y
+
+
+def test_official_sampler_option(official_run, model) -> None:
+    """``LDAE.sampler = "official"`` routes encode/decode through the official DDIM (small latents: the
+    UNet takes any size whose last two axes halve twice)."""
+    from ldae.diffusion.ddim import official_ddim_invert, official_ddim_sample
+    from ldae.diffusion.pdae import guided_eps_fn
+    from ldae.errors import LDAEError
+    from ldae.model import LDAE
+
+    official = LDAE(**{**model.__dict__, "sampler": "official"})  # what LDAE.load(run, sampler="official") sets
+    g = torch.Generator().manual_seed(3)
+    z_T, y = torch.randn(1, 3, 4, 8, 8, generator=g), torch.randn(1, 768, generator=g)
+    ours = official.decode_latent(y, z_T, steps=2)
+    assert torch.equal(ours, official_ddim_sample(guided_eps_fn(model.unet, model.shift, model.schedule, y), z_T,
+                                                  model.schedule, 2))
+    assert model.sampler == "ldae" and not torch.allclose(ours, model.decode_latent(y, z_T, steps=2))
+    official.compress = lambda x: z_T  # encode's inversion only (no autoencoder pass at 128x160x128)
+    _, z = official.encode(None, steps=2, semantic=False)
+    plain = guided_eps_fn(model.unet, None, model.schedule, None)
+    assert torch.equal(z, official_ddim_invert(plain, z_T, model.schedule, 2))
+    with pytest.raises(LDAEError, match="deterministic"):
+        official.decode_latent(y, z_T, steps=2, eta=0.5)
+    with pytest.raises(Exception, match="unknown DDIM sampler 'ddim'"):
+        LDAE.load(official_run, sampler="ddim")
+
+
+def _bad_decoder(tmp_path, edit) -> object:
+    state = R.state_dict("decoder_small")
+    edit(state)
+    path = tmp_path / "decoder_bad.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["wrong_role", "truncated", "not_pytorch", "missing", "unexpected", "shape"])
+def test_bad_release_files_are_one_line_errors(case: str, release: dict, tmp_path, capsys) -> None:
+    from ldae.cli import main
+
+    if case == "wrong_role":
+        bad, where = release["encoder"], "positional_encoding.pe"
+    elif case == "truncated":
+        bad, where = tmp_path / "decoder.pth", "not a readable PyTorch file"
+        bad.write_bytes(release["decoder"].read_bytes()[: release["decoder"].stat().st_size // 2])
+    elif case == "not_pytorch":
+        bad, where = tmp_path / "decoder.pth", "not a readable PyTorch file"
+        bad.write_text("this is a README, not weights\n")
+    elif case == "missing":
+        bad, where = _bad_decoder(tmp_path, lambda s: s.pop("shift_out.2.bias")), "missing key 'shift_out.2.bias'"
+    elif case == "unexpected":
+        bad = _bad_decoder(tmp_path, lambda s: s.update({"shift_out.3.weight": torch.zeros(3)}))
+        where = "unexpected key 'shift_out.3.weight'"
+    else:
+        bad = _bad_decoder(tmp_path, lambda s: s.update({"time_embed.0.weight": torch.zeros(100, 32)}))
+        where = "'time_embed.0.weight' fits no architecture"
+    out = tmp_path / "imported"
+    assert main(_import_args(release, out, decoder=bad)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ldae import-official: error: ")
+    assert str(bad) in err and where in err, err
+    assert not out.exists() and not any(p.name.startswith(".imported") for p in tmp_path.iterdir())
+
+
+def test_import_refuses_a_used_folder_and_half_statistics(release: dict, tmp_path, capsys) -> None:
+    from ldae.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(_import_args(release, tmp_path / "run")) == 2
+    assert "already exists and is not an empty folder" in capsys.readouterr().err
+    assert main(_import_args(release, tmp_path / "new", semantic_std=None)) == 2
+    assert "go together" in capsys.readouterr().err and not (tmp_path / "new").exists()

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "compress": "ldae.commands.compress",
     "generate": "ldae.commands.generate",
     "pipeline": "ldae.commands.pipeline",
+    "import-official": "ldae.commands.import_official",
     "encode": "ldae.commands.encode",
     "reconstruct": "ldae.commands.reconstruct",
     "variations": "ldae.commands.variations",

@@ -30,7 +30,7 @@ from ldae.checkpoints import (
     read_ysem_stats,
 )
 from ldae.data.transforms import ModelReadyInput
-from ldae.diffusion.ddim import ddim_invert, ddim_sample
+from ldae.diffusion.ddim import ddim_sample, sampler_functions
 from ldae.diffusion.interpolation import slerp
 from ldae.diffusion.pdae import guided_eps_fn
 from ldae.errors import CheckpointError, LDAEError
@@ -64,11 +64,14 @@ class LDAE(ModelReadyInput):
     fingerprints: dict[str, str] = field(default_factory=dict)
     #: why the y_sem statistics could not be used (None: absent or fine)
     ysem_problem: str | None = None
+    #: DDIM of encode/decode: "ldae" (default: reaches T−1 and the clean level, no clamp) or "official" (the
+    #: published LDAE code's "ddimN", clamping ẑ_0 to [−1, 1]: :func:`ldae.diffusion.ddim.official_ddim_sample`)
+    sampler: str = "ldae"
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, run: str | Path, device: str | torch.device = "cpu", steps: int | None = None,
-             representation: StageCheckpoint | None = None) -> LDAE:
+             representation: StageCheckpoint | None = None, sampler: str = "ldae") -> LDAE:
         """Load a trained LDAE from a full run folder (``RUN/{autoencoder,diffusion,representation}``), the
         representation stage folder (``RUN/representation``) or a representation checkpoint.
 
@@ -77,7 +80,9 @@ class LDAE(ModelReadyInput):
         its own stages), and its weights must have the fingerprint recorded at training time
         (:mod:`ldae.checkpoints`), otherwise CheckpointError says which stage differs. ``representation``:
         the already opened representation checkpoint (read once by callers that need its metadata first).
+        ``sampler``: the DDIM of :meth:`encode` / :meth:`decode_latent` (see the ``sampler`` attribute).
         """
+        sampler_functions(sampler)  # a bad name fails before the (slow) load
         from ldae.runs import find_checkpoint
 
         rep = representation or open_checkpoint(find_checkpoint(run, "representation"), "representation")
@@ -116,6 +121,7 @@ class LDAE(ModelReadyInput):
             metadata={"autoencoder": ae.meta, "diffusion": ldm.meta, "representation": rep.meta},
             fingerprints=fingerprints,
             ysem_problem=ysem_problem,
+            sampler=sampler,
         )
 
     @property
@@ -150,13 +156,18 @@ class LDAE(ModelReadyInput):
         z0 = self.compress(x)
         y = self.semantic(x) if semantic else None
         eps_fn = guided_eps_fn(self.unet, self.shift if semantic else None, self.schedule, y)
-        return y, ddim_invert(eps_fn, z0, self.schedule, self._steps(steps))
+        invert = sampler_functions(self.sampler)[1]
+        return y, invert(eps_fn, z0, self.schedule, self._steps(steps))
 
     @torch.no_grad()
     def decode_latent(self, y_sem: Tensor | None, z_T: Tensor, steps: int | None = None, eta: float = 0.0,
                       generator: torch.Generator | None = None) -> Tensor:
         """Scaled clean latents by conditional DDIM sampling from ``z_T`` (unconditional when ``y_sem`` is None)."""
         eps_fn = guided_eps_fn(self.unet, self.shift if y_sem is not None else None, self.schedule, y_sem)
+        if self.sampler == "official":
+            if eta:
+                raise LDAEError(f"the official DDIM sampler is deterministic: eta must be 0, got {eta}")
+            return sampler_functions("official")[0](eps_fn, z_T.to(self.device), self.schedule, self._steps(steps))
         return ddim_sample(eps_fn, z_T.to(self.device), self.schedule, self._steps(steps), eta=eta, generator=generator)
 
     @torch.no_grad()

@@ -98,7 +98,8 @@ def default_probes_path(run: str | Path) -> Path:
 
 
 def load_run_probes(run: str | Path | None, probes: str | Path | None = None) -> tuple[dict[str, Any], Path]:
-    """The probes of ``run`` (or the explicit ``probes`` file) and the path they came from.
+    """The probes of ``run`` (or the explicit ``probes`` file) and the path they came from. A run imported
+    from the official release (``ldae import-official --classifier``) uses the release's classifier.
 
     Raises LDAEError when there are none, saying to run ``ldae evaluate`` first."""
     from ldae.evaluation.probes import load_probes
@@ -107,6 +108,12 @@ def load_run_probes(run: str | Path | None, probes: str | Path | None = None) ->
         if run is None or (Path(run).is_file() and Path(run).parent.name != "checkpoints"):  # a loose checkpoint
             raise LDAEError(f"{run}: is not a run folder, so it has no saved probes; pass the probes file "
                             "that `ldae evaluate` wrote (--probes RUN/evaluation/probes.json)")
+        from ldae.jobs.import_official import load_release_classifier, release_classifier_path
+        from ldae.runs import run_folder
+
+        release = release_classifier_path(run_folder(run))
+        if release.is_file():  # an imported official release: its own AD-vs-CN classifier (no age probe)
+            return load_release_classifier(release), release
         path = default_probes_path(run)
     else:
         path = Path(probes)
@@ -185,6 +192,10 @@ def predict_volumes(model: Any, probes: dict[str, Any], x: Any) -> tuple[np.ndar
 
     with torch.no_grad():
         y = model.semantic(x).double().cpu().numpy()
+    if "age" not in probes:  # the official release's classifier: P(AD) only
+        from ldae.jobs.import_official import release_p_ad
+
+        return release_p_ad(probes, y), np.full(len(y), np.nan), y
     p_ad, age = predict_probes(probes, y)
     return p_ad, age, y
 
@@ -269,7 +280,7 @@ def predict(
         positive=positive,
         negative=negative,
         probes_path=None if probes_path is None else str(probes_path),
-        probe_metrics={"ad_vs_cn": dict(ad.get("metrics", {})), "age": dict(probe_obj["age"].get("metrics", {}))},
+        probe_metrics={"ad_vs_cn": dict(ad.get("metrics", {})), "age": dict(probe_obj.get("age", {}).get("metrics", {}))},
     )
 
 
@@ -277,6 +288,8 @@ def _check_probe_size(probes: dict[str, Any], model: Any, source: Path | None) -
     """LDAEError when the probes were fitted on embeddings of another size than this model's y_sem."""
     d = int(model.encoder.emb_dim)
     for part in ("ad_vs_cn", "age"):
+        if part not in probes:  # the official release's classifier has no age probe
+            continue
         n = len(probes[part]["coef"])
         if n != d:
             raise LDAEError(f"{source or 'probes'}: the {part} probe expects {n}-d embeddings, this model's "
