@@ -30,13 +30,24 @@ def test_metrics_schema(evaluation: Path):
     assert 0 < m["reconstruction"]["ldae_semantic_other"][top]["ssim"] <= 1
     ae = m["reconstruction"]["autoencoder"]
     assert 0 < ae["ssim"] <= 1 and ae["mse"] > 0 and ae["lpips"] is None and "unavailable" in m["lpips_status"]
-    for name in ("learned", "untrained", "latent_pca"):
-        assert set(m["probe"][name]["ad_vs_cn"]) >= {"accuracy", "precision", "recall", "f1", "mcc", "auc"}
+    for name in ("learned", "untrained", "latent_pca", "voxel_pca"):
+        assert set(m["probe"][name]["ad_vs_cn"]) >= {"accuracy", "balanced_accuracy", "precision", "recall", "f1",
+                                                     "mcc", "auc", "threshold", "threshold_cv_balanced_accuracy"}
         assert set(m["probe"][name]["age"]) >= {"mae", "rmse", "mae_ci95", "cv_mae_best"}
         ad = m["probe"][name]["ad_vs_cn"]
         assert ad["auc_ci95"] is None or 0.0 <= ad["auc_ci95"][0] <= ad["auc_ci95"][1] <= 1.0
         assert m["probe"][name]["ad_vs_cn"]["positive_class"] == "AD"
         assert "age" in m["factors"][name] and -10 < m["factors"][name]["age"]["r2"] <= 1
+    d = m["diagnostics"]  # issue 17: memorisation per band, the gap G_ψ fills, one representation table
+    assert [b["band"] for b in d["denoising_loss"]] == [[0, 50], [50, 200], [200, 500], [500, 1000]]
+    assert d["n_train"] > 0 and d["n_held_out"] > 0 and d["seed"] == 0
+    for b, g in zip(d["denoising_loss"], d["gap"]):
+        assert b["train"] > 0 and b["held_out"] > 0 and b["ratio"] == pytest.approx(b["train"] / b["held_out"])
+        assert g["band"] == b["band"] and g["plain"] == pytest.approx(b["held_out"])  # same draws, same latents
+        assert g["gap_own"] == pytest.approx((g["plain"] - g["own"]) / g["plain"]) and 0 <= g["own_beats_other"] <= 1
+    assert list(d["representation"]) == ["learned", "untrained", "latent_pca", "voxel_pca"]
+    for name, row in d["representation"].items():
+        assert row["ad_auc"] == m["probe"][name]["ad_vs_cn"]["auc"] and row["age_r2"] == m["factors"][name]["age"]["r2"]
     methods = ("ldae", "nearest_visit", "ldae_nearest_visit", "latent_lerp", "autoencoder_target")
     assert list(m["interpolation"]) == list(methods)
     for method in methods:

@@ -317,3 +317,5 @@ def test_balanced_threshold_by_hand() -> None:
     t2, b2 = balanced_threshold(np.array([0, 1]), np.array([0.2, 0.9]))
     assert t2 == pytest.approx(0.55) and b2 == 1.0
     assert balanced_threshold(np.array([1, 1]), np.array([0.2, 0.3]))[0] == 0.5
+    # scores ranked the wrong way round: no cut beats chance, the neutral 1/2 is kept
+    assert balanced_threshold(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.6, 0.7])) == (0.5, 0.5)

@@ -15,7 +15,7 @@ from ldae.io import write_text
 from ldae.runs import stage_dir
 
 #: probe feature sets in table order (those a run lacks are left out)
-FEATURE_SETS = ("learned", "untrained", "latent_pca", "oracle")
+FEATURE_SETS = ("learned", "untrained", "latent_pca", "voxel_pca", "oracle")
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
 line-height:1.45;padding:0 1em}
@@ -74,9 +74,41 @@ def _probe_rows(probe: dict) -> list[list[Any]]:
     for name in FEATURE_SETS:
         if name in probe:
             ad, age = probe[name]["ad_vs_cn"], probe[name]["age"]
-            rows.append([name, ad["auc"], _ci(ad.get("auc_ci95")), ad.get("cv_auc_best"), ad["accuracy"],
-                         ad["f1"], ad["mcc"], age["mae"], _ci(age.get("mae_ci95"), 2), age.get("cv_mae_best")])
+            rows.append([name, ad["auc"], _ci(ad.get("auc_ci95")), ad.get("cv_auc_best"), ad.get("threshold"),
+                         ad.get("balanced_accuracy"), ad["accuracy"], ad["f1"], ad["mcc"], age["mae"],
+                         _ci(age.get("mae_ci95"), 2), age.get("cv_mae_best")])
     return rows
+
+
+def _band(b: list[int]) -> str:
+    return f"[{b[0]}, {b[1]})"
+
+
+def _diagnostics_parts(d: dict) -> list[str]:
+    """The ``diagnostics`` block: DDPM memorisation per band, the gap G_ψ fills, the representation table."""
+    parts = ["<h2>Diagnostics: what the latent DDPM leaves for y_sem</h2>"]
+    parts.append(_table(["timestep band", "loss (train)", "loss (held-out)", "train / held-out"],
+                        [[_band(b["band"]), b["train"], b["held_out"], b["ratio"]] for b in d.get("denoising_loss", [])], 4))
+    parts.append(f'<p class="muted">‖ε − ε_θ(z_t, t)‖² (mean per latent element) on {d["n_train"]} training and '
+                 f'{d["n_held_out"]} held-out (val + test) latents, the same (t, ε) draws for both (seed {d["seed"]}). '
+                 "A ratio well below 1 means the DDPM has memorised its training latents: then the posterior mean "
+                 "leaves little for y_sem to fill but the subject's identity.</p>")
+    if d.get("gap"):
+        parts.append(_table(["timestep band", "ε_θ alone", "with own y_sem", "with another's y_sem",
+                             "removed (own)", "removed (other)", "own < other (scans)"],
+                            [[_band(g["band"]), g["plain"], g["own"], g["other"], g["gap_own"], g["gap_other"],
+                              g["own_beats_other"]] for g in d["gap"]], 4))
+        parts.append('<p class="muted">Held-out scans: ‖ε − (ε_θ − k_t G_ψ(z_t, y_sem, t))‖² with the scan\'s own y_sem '
+                     "and with another subject's; \"removed\" = the fraction of ε_θ's error G_ψ takes away.</p>")
+    rep = d.get("representation") or {}
+    if rep:
+        cols = list(next(iter(rep.values())))
+        parts.append(_table(["features", *[c.removesuffix("_r2") + " R²" if c.endswith("_r2") else c for c in cols]],
+                            [[name, *[row.get(c) for c in cols]] for name, row in rep.items()]))
+        parts.append('<p class="muted">Same test split for every row: ridge R² per ground-truth factor, AD-vs-CN '
+                     "logistic AUC on the test split (ad_auc) and in train-split CV (ad_cv_auc). voxel_pca = PCA of "
+                     "the model-ready voxels fitted on the train split.</p>")
+    return parts
 
 
 def _ci(interval: list[float] | None, digits: int = 3) -> str | None:
@@ -228,12 +260,13 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                      f'ventricles r = {_fmt(vc.get("ventricle_pearson_r"))}, hippocampus r = {_fmt(vc.get("hippocampus_pearson_r"))}</p>')
 
     parts.append("<h2>Linear probes</h2>")
-    parts.append(_table(["features", "AUC", "AUC 95% CI", "CV AUC", "accuracy", "F1", "MCC", "age MAE",
-                         "MAE 95% CI", "CV MAE"], _probe_rows(probe)))
+    parts.append(_table(["features", "AUC", "AUC 95% CI", "CV AUC", "P(AD) cut", "balanced acc.", "accuracy", "F1",
+                         "MCC", "age MAE", "MAE 95% CI", "CV MAE"], _probe_rows(probe)))
     parts.append('<p class="muted">AD vs CN: positive class AD, MCI excluded; probes fitted on the train split with '
                  "subject-grouped cross-validation, reported on the test split. 95% CI: bootstrap over test subjects; "
                  "CV: the subject-grouped validation score on the train split at the chosen regularisation (a second, "
-                 "independent estimate: trust neither alone on a small test split). Oracle = true regional volumes + age "
+                 "independent estimate: trust neither alone on a small test split). Thresholded metrics: class-balanced "
+                 "logistic fit, P(AD) cut chosen on the train split's out-of-fold scores (highest balanced accuracy). Oracle = true regional volumes + age "
                  "(volumes only for age). latent_pca = the first principal components of the autoencoder's latents (fitted "
                  "on the train split): what the compressed latent carries linearly at this resolution.</p>")
     factors = metrics.get("factors") or {}
@@ -254,6 +287,9 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                 ad, age = b["probe"]["ad_vs_cn"], b["probe"]["age"]
                 rows.append([name, ad["auc"], ad["accuracy"], ad["f1"], ad["mcc"], age["mae"], age["rmse"]])
         parts.append(_table(["baseline", "AUC", "accuracy", "F1", "MCC", "age MAE", "age RMSE"], rows))
+
+    if metrics.get("diagnostics"):
+        parts += _diagnostics_parts(metrics["diagnostics"])
 
     parts.append("<h2>Timings</h2>")
     parts.append(_table(["step", "seconds"], _timing_rows(metrics.get("timings_s", {})), 1))

@@ -18,6 +18,9 @@ in order, writes their tables and figures into ``out`` and ``out/metrics.json``
 * ``manipulation``: :mod:`~ldae.evaluation.sections.manipulation` (volume change along the AD direction,
   checked for sign and size against the cohort's own AD−CN difference).
 * ``baselines``: the voxel-space DAE and the supervised encoder, when the run holds them.
+* ``diagnostics``: :mod:`~ldae.evaluation.sections.diagnostics` (does the latent DDPM memorise its training
+  latents, how much of its error G_ψ removes with the scan's own / another subject's y_sem, and the factor
+  R² / AD AUC of every feature set, raw-voxel PCA included, in one table).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ldae.evaluation.results import (
     ReconstructionScores,
 )
 from ldae.evaluation.sections.common import GT_VOLUMES, ScanCache, embed, scores
+from ldae.evaluation.sections.diagnostics import run_diagnostics
 from ldae.evaluation.sections.figures import figures_section
 from ldae.evaluation.sections.interpolation import interpolation_section
 from ldae.evaluation.sections.manipulation import manipulation_section, volumetry_check
@@ -92,6 +96,11 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
         latents = embed(lambda x: model.compress(x).flatten(1), scans, all_rows, bs, "latents (PCA control)")
         features["latent_pca"] = pca_features(latents, (df["split"] == "train").to_numpy(),
                                               int(cfg["probes"]["latent_pca_components"]))
+    if cfg["probes"].get("voxel_pca_components"):
+        voxels = embed(lambda x: x.flatten(1), scans, all_rows, bs, "voxels (PCA control)")
+        features["voxel_pca"] = pca_features(voxels, (df["split"] == "train").to_numpy(),
+                                             int(cfg["probes"]["voxel_pca_components"]))
+        del voxels
     if all(c in df.columns for c in GT_VOLUMES):
         features["oracle"] = np.column_stack([df[c].to_numpy(dtype=float) for c in GT_VOLUMES] + [df["age"].to_numpy(dtype=float)])
     probes = probe_section(features, df, seed)
@@ -103,6 +112,16 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     plot_lda(out / "lda.png", lda_projection(learned, df["diagnosis"].to_numpy(), (df["split"] == "train").to_numpy()),
              df["diagnosis"].to_numpy(), split=df["split"].to_numpy())
     timings["probes"] = time.perf_counter() - t0
+
+    # ---- diagnostics: DDPM memorisation, the gap G_ψ fills, the representation table (issue 17)
+    diagnostics = None
+    dcfg = cfg.get("diagnostics") or {}
+    if dcfg.get("enabled", True):
+        t0 = time.perf_counter()
+        if not cfg["probes"].get("latent_pca_components"):
+            latents = embed(lambda x: model.compress(x).flatten(1), scans, all_rows, bs, "latents (diagnostics)")
+        diagnostics = run_diagnostics(model, df, latents, learned, probes, factors, dcfg, bs, seed)
+        timings["diagnostics"] = time.perf_counter() - t0
 
     # ---- reconstruction
     t0 = time.perf_counter()
@@ -145,7 +164,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     # ---- baselines
     baselines = baselines_section(run, scans, df, cfg, bs, seed) if cfg["baselines"]["enabled"] else {}
     result = EvaluationResult(CohortInfo(str(csv), len(df), len(test_rows)), timings, probes, factors, recon,
-                              interp, man, baselines)
+                              interp, man, baselines, diagnostics)
     return write_json(out / "metrics.json", result.to_json())
 
 

@@ -190,8 +190,8 @@ def balanced_threshold(y: Any, score: Any) -> tuple[float, float]:
     that maximises the balanced accuracy ``(TPR + TNR) / 2`` on ``(y, score)``, i.e. Youden's J.
 
     Candidates are the midpoints between consecutive distinct scores (and one below/above all of them, which
-    give 1/2); ties go to the candidate nearest 1/2, the class-balanced fit's neutral point. ``(0.5, nan)``
-    when ``y`` lacks a class.
+    give 1/2); ties go to the candidate nearest 1/2, the class-balanced fit's neutral point, which is also
+    kept when no cut beats chance (balanced accuracy 1/2). ``(0.5, nan)`` when ``y`` lacks a class.
     """
     y = np.asarray(y).astype(bool)
     score = np.asarray(score, dtype=np.float64)
@@ -202,6 +202,8 @@ def balanced_threshold(y: Any, score: Any) -> tuple[float, float]:
     cands = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2, [u[-1] + 1.0]]) if len(u) > 1 else np.array([u[0]])
     pred = score[None, :] >= cands[:, None]
     bacc = 0.5 * ((pred & y).sum(axis=1) / n_pos + (~pred & ~y).sum(axis=1) / n_neg)
+    if bacc.max() <= 0.5 + 1e-12:  # no cut beats chance out of fold: keep the balanced fit's neutral point
+        return 0.5, float(bacc.max())
     best = np.flatnonzero(bacc >= bacc.max() - 1e-12)
     i = best[np.argmin(np.abs(cands[best] - 0.5))]
     return float(cands[i]), float(bacc[i])

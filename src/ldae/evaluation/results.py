@@ -41,6 +41,7 @@ class ClassifierMetrics:
     classes: list[str]
     dropped: dict[str, int]
     accuracy: float
+    balanced_accuracy: float
     precision: float
     recall: float
     f1: float
@@ -56,6 +57,8 @@ class ClassifierMetrics:
     cv_auc_best: float
     selection: str
     threshold: float
+    threshold_cv_balanced_accuracy: float
+    threshold_selection: str
     intercept: float
 
     @classmethod
@@ -394,6 +397,65 @@ class BaselineResult:
         return out
 
 
+# -------------------------------------------------------------------------------------- diagnostics
+@dataclass(frozen=True)
+class BandLoss:
+    """Mean denoising loss ``‖ε − ε_θ(z_t, t)‖²`` in one timestep band ``[lo, hi)`` on training and held-out
+    latents (same draws); ``ratio = train / held_out`` (< 1: the DDPM fits its training latents better)."""
+
+    band: list[int]
+    train: float
+    held_out: float
+    ratio: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return _field_dict(self)
+
+
+@dataclass(frozen=True)
+class BandGap:
+    """The posterior-mean gap G_ψ fills in one band on held-out latents: ``plain = ‖ε − ε_θ‖²``, ``own`` /
+    ``other`` = ``‖ε − (ε_θ − k_t G_ψ)‖²`` with the scan's own / another subject's y_sem (same draws);
+    ``gap_own = (plain − own) / plain``, ``gap_other`` likewise; ``own_beats_other`` = share of scans whose
+    own-y_sem loss is below the other-y_sem one."""
+
+    band: list[int]
+    plain: float
+    own: float
+    other: float | None
+    gap_own: float | None
+    gap_other: float | None
+    own_beats_other: float | None
+
+    @classmethod
+    def from_means(cls, band: list[int], plain: float, own: float, other: float | None,
+                   own_beats_other: float | None) -> BandGap:
+        rel = (lambda v: None if v is None or plain <= 0 else (plain - v) / plain)
+        return cls(band, plain, own, other, rel(own), rel(other), own_beats_other)
+
+    def to_json(self) -> dict[str, Any]:
+        return _field_dict(self)
+
+
+@dataclass(frozen=True)
+class DiagnosticsSection:
+    """``diagnostics`` block (:mod:`ldae.evaluation.sections.diagnostics`): DDPM memorisation per band, the
+    gap G_ψ fills per band, and per feature set the factor R² and AD AUCs on the same split."""
+
+    n_train: int
+    n_held_out: int
+    draws: int
+    seed: int
+    bands: list[BandLoss]
+    gap: list[BandGap]
+    representation: dict[str, dict[str, float | None]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n_train": self.n_train, "n_held_out": self.n_held_out, "draws": self.draws, "seed": self.seed,
+                "denoising_loss": [b.to_json() for b in self.bands], "gap": [g.to_json() for g in self.gap],
+                "representation": self.representation}
+
+
 # ------------------------------------------------------------------------------------------ the whole
 @dataclass(frozen=True)
 class CohortInfo:
@@ -419,6 +481,7 @@ class EvaluationResult:
     interpolation: InterpolationSection
     manipulation: ManipulationSection
     baselines: dict[str, BaselineResult | None]
+    diagnostics: DiagnosticsSection | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -433,4 +496,5 @@ class EvaluationResult:
             "interpolation_comparison": self.interpolation.comparison_json(),
             "manipulation": self.manipulation.to_json(),
             "baselines": {name: None if b is None else b.to_json() for name, b in self.baselines.items()},
+            "diagnostics": None if self.diagnostics is None else self.diagnostics.to_json(),
         }
