@@ -471,3 +471,12 @@ def test_import_refuses_a_used_folder_and_half_statistics(release: dict, tmp_pat
     assert "already exists and is not an empty folder" in capsys.readouterr().err
     assert main(_import_args(release, tmp_path / "new", semantic_std=None)) == 2
     assert "go together" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_inference_commands_take_the_sampler_option() -> None:
+    from ldae.cli import build_parser
+
+    parser, _ = build_parser()
+    for command in ("encode", "reconstruct", "variations", "manipulate"):
+        assert parser.parse_args([command, "--model", "RUN", "s.nii.gz", "--sampler", "official"]).sampler == "official"
+        assert parser.parse_args([command, "--model", "RUN", "s.nii.gz"]).sampler == "ldae"

@@ -27,6 +27,10 @@ def add_common(p: argparse.ArgumentParser, scans: str = "+") -> None:
                                      "<subject>_M<session>")
     p.add_argument("--out", default="ldae_out", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's validation setting)")
+    p.add_argument("--sampler", choices=("ldae", "official"), default="ldae",
+                   help="DDIM: ldae's (default; reaches t=T-1 and the clean level, no clamp) or the published "
+                        "LDAE code's 'ddimN' (its timesteps, predicted latents clamped to [-1, 1]), to compare "
+                        "results one to one with it")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     if batch:
         add_parallel_arguments(p)
@@ -69,7 +73,8 @@ def load(args: argparse.Namespace):
     for _, path in scans:  # exists, not a folder, a readable 3D NIfTI: before the (slow) model load
         header_geometry(path)
     workers = launch(args.device, getattr(args, "devices", 1), getattr(args, "num_nodes", 1))
-    model = workers.together(LDAE.load, args.model, device=workers.device, steps=args.steps)
+    model = workers.together(LDAE.load, args.model, device=workers.device, steps=args.steps,
+                             sampler=getattr(args, "sampler", "ldae"))
     T = int(model.schedule.T)
     if args.steps is not None and args.steps > T:
         raise LDAEError(f"--steps must be between 1 and {T} (the run's diffusion timesteps), got {args.steps}")
