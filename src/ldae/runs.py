@@ -15,17 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldae.config import BASELINES, STAGES
 from ldae.errors import CheckpointError
 
-STAGE_DIRS = {
-    "autoencoder": "autoencoder",
-    "latents": "latents",
-    "diffusion": "diffusion",
-    "representation": "representation",
-    "voxel_dae": "voxel_dae",
-    "supervised": "supervised",
-    "evaluation": "evaluation",
-}
+#: the folder of each part of a run, named after it (docstring above)
+STAGE_DIRS = {name: name for name in (STAGES[0], "latents", *STAGES[1:], *BASELINES, "evaluation")}
 COMPRESSED_CSV = "cohort_with_compressed_latent.csv"
 LATENT_META = "latent_meta.json"
 

@@ -72,7 +72,7 @@ def _checked_direction(raw, path):
     return arr
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ldae.viz import save_strip

@@ -9,7 +9,9 @@ ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["paper", "small", "tiny"], default="tiny")
+    from ldae.config import PRESETS
+
+    p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--csv", required=True, help="cohort CSV")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--steps", nargs="+", default=None,
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "--representation.optim.lr 1e-4, --compress.batch_size 4")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from ldae.io import write_json
     from ldae.jobs.pipeline import DEFAULT_STEPS, run_pipeline
 

@@ -19,16 +19,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ldae.config import apply_overrides, load_preset, parse_overrides
+from ldae.config import BASELINES, STAGES, apply_overrides, load_preset, parse_overrides
 from ldae.errors import ConfigError
 from ldae.io import write_json
 from ldae.runs import COMPRESSED_CSV, stage_dir
 
 log = logging.getLogger(__name__)
 
-PIPELINE_STEPS = ("autoencoder", "compress", "diffusion", "representation", "voxel_dae", "supervised", "evaluation")
+PIPELINE_STEPS = (STAGES[0], "compress", *STAGES[1:], *BASELINES, "evaluation")
 #: the baselines (paper tables 5 and 7) are optional steps: they cost more than the method itself on a CPU
-DEFAULT_STEPS = ("autoencoder", "compress", "diffusion", "representation", "evaluation")
+DEFAULT_STEPS = tuple(step for step in PIPELINE_STEPS if step not in BASELINES)
 DONE = "done.json"
 
 
@@ -54,8 +54,7 @@ def _mark_done(folder: Path, info: dict) -> None:
 
 
 def _stage_cfg(preset: str, stage: str, out: Path, csv: Path, overrides: dict) -> dict:
-    cfg = load_preset(preset, stage)
-    cfg = apply_overrides(cfg, overrides.get(stage, []))
+    cfg = load_preset(preset, stage, overrides.get(stage, []))
     cfg["out"] = str(stage_dir(out, stage))
     cfg.setdefault("data", {})["csv"] = str(csv)
     return cfg
