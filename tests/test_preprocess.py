@@ -36,12 +36,15 @@ def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
 
 
 def misaligned_scan(path: Path, rot_deg=(8.0, -6.0, 10.0), shift=(7.0, -9.0, 5.0),
-                    spacing=(1.3, 1.2, 1.5), fov=(220.0, 256.0, 230.0), seed: int = 0) -> np.ndarray:
-    """The template head moved by a known rigid pose M (template world -> scan world), sampled on an LAS
-    grid with another voxel size and a padded field of view, times a smooth bias field, plus noise."""
+                    spacing=(1.3, 1.2, 1.5), fov=(220.0, 256.0, 230.0), seed: int = 0,
+                    skull_stripped: bool = False) -> np.ndarray:
+    """The template head (or its skull-stripped brain) moved by a known rigid pose M (template world ->
+    scan world), sampled on an LAS grid with another voxel size and a padded field of view, times a
+    smooth bias field, plus noise (none outside a skull-stripped brain: such scans are zero there)."""
     from ldae.data.templates import template_files
 
-    tpl = nib.load(str(template_files().t1))
+    files = template_files()
+    tpl = nib.load(str(files.t1_brain if skull_stripped else files.t1))
     tdata = np.asarray(tpl.dataobj, dtype=np.float32)
     pose = np.eye(4)
     pose[:3, :3] = Rotation.from_euler("xyz", rot_deg, degrees=True).as_matrix()
@@ -58,8 +61,8 @@ def misaligned_scan(path: Path, rot_deg=(8.0, -6.0, 10.0), shift=(7.0, -9.0, 5.0
     w = world.reshape(3, *shape) / 100.0
     bias = np.exp(0.25 * w[0] - 0.2 * w[1] + 0.15 * w[2] ** 2)
     rng = np.random.default_rng(seed)
-    vol = np.clip(vol * bias + rng.normal(0.0, 1.0, vol.shape), 0.0, None)
-    _write(path, vol, affine)
+    noisy = np.clip(vol * bias + rng.normal(0.0, 1.0, vol.shape), 0.0, None)
+    _write(path, np.where(vol > 0, noisy, 0.0) if skull_stripped else noisy, affine)
     return pose
 
 
@@ -117,6 +120,10 @@ def test_default_config_loads_and_overrides_are_strict() -> None:
     with pytest.raises(ConfigError, match="upper_percentile"):
         pp.load_preprocess_config(overrides=["--output.upper_percentile", "120"])
     assert pp.config_fingerprint(cfg) != pp.config_fingerprint(pp.load_preprocess_config())
+    with pytest.raises(ConfigError, match="skull_stripped' must be auto, true or false"):
+        pp.load_preprocess_config(overrides=["--brain_extraction.skull_stripped", "maybe"])
+    with pytest.raises(ConfigError, match="qc.smoothing_mm"):
+        pp.load_preprocess_config(overrides=["--qc.smoothing_mm", "-1"])
     threads = pp.load_preprocess_config(overrides=["--threads", "1"])
     assert pp.config_fingerprint(threads) == pp.config_fingerprint(pp.load_preprocess_config())
 
@@ -162,9 +169,86 @@ def test_qc_metrics_against_the_template_itself() -> None:
     pytest.importorskip("ants")
     tpl = pp.load_templates(1.5, (128, 160, 128))
     perfect = pp.qc_metrics(tpl.brain_on_grid, tpl.mask_on_grid, tpl)
-    assert perfect == {"correlation": 1.0, "mask_dice": 1.0}
-    shifted = pp.qc_metrics(np.roll(tpl.brain_on_grid, 4, axis=1), np.roll(tpl.mask_on_grid, 4, axis=1), tpl)
-    assert shifted["correlation"] < 0.9 and shifted["mask_dice"] < 0.97
+    assert perfect == {"correlation": 1.0, "raw_correlation": 1.0, "mask_dice": 1.0}
+    # a linear intensity change inside the mask changes nothing (Pearson correlation; smoothing is linear)
+    rescaled = np.where(tpl.mask_on_grid, 2.5 * tpl.brain_on_grid + 0.1, 0.0)
+    assert pp.qc_metrics(rescaled, tpl.mask_on_grid, tpl, smoothing_mm=0.0)["correlation"] == 1.0
+    # the smoothed correlation is the Pearson correlation of the Gaussian-filtered volumes (sigma in voxels)
+    shifted = np.roll(tpl.brain_on_grid, 4, axis=1)
+    qc = pp.qc_metrics(shifted, np.roll(tpl.mask_on_grid, 4, axis=1), tpl, smoothing_mm=3.0)
+    a, b = ndimage.gaussian_filter(shifted, 2.0), ndimage.gaussian_filter(tpl.brain_on_grid, 2.0)
+    inside = tpl.mask_on_grid
+    assert qc["correlation"] == pytest.approx(np.corrcoef(a[inside], b[inside])[0, 1], abs=1e-4)
+    assert qc["raw_correlation"] == pytest.approx(np.corrcoef(shifted[inside], tpl.brain_on_grid[inside])[0, 1],
+                                                  abs=1e-4)
+    assert qc["raw_correlation"] < qc["correlation"] < 0.9 and qc["mask_dice"] < 0.97
+
+
+def _individual_brain(tpl, seed: int = 0) -> np.ndarray:
+    """A brain that is not the template but registered to it: the template brain under a smooth random
+    deformation (RMS 4.5 mm, correlation length 10 mm: the anatomy that an affine registration leaves
+    different between two people), with ventricles 40 % larger, another grey/white contrast (I -> I^1.5),
+    a bias field and noise; on the template's grid, zero outside its warped mask. Its unsmoothed
+    correlation with the template (0.6-0.65) is that of real scans (0.55-0.65)."""
+    rng = np.random.default_rng(seed)
+    spacing = float(min(tpl.grid.spacing))
+    brain = tpl.brain_on_grid / np.percentile(tpl.brain_on_grid[tpl.mask_on_grid], 99.0)
+    disp = np.stack([ndimage.gaussian_filter(rng.standard_normal(brain.shape), 10.0 / spacing) for _ in range(3)])
+    disp *= (4.5 / spacing) / np.sqrt((disp**2).sum(0).mean())
+    csf = ndimage.binary_opening((brain < 0.45) & ndimage.binary_erosion(tpl.mask_on_grid, iterations=4))
+    centre = np.argwhere(csf).mean(0)
+    grid = np.indices(brain.shape).astype(np.float64)
+    # ventricles: a radial pull towards the ventricles' centre inside them (locally 1.4x the volume)
+    near = ndimage.gaussian_filter(csf.astype(np.float64), 6.0 / spacing)
+    pull = (1.0 - 1.4 ** (-1.0 / 3.0)) * near / max(float(near.max()), 1e-9)
+    coords = grid + disp - pull * (grid - centre.reshape(3, 1, 1, 1))
+    warped = ndimage.map_coordinates(brain, coords, order=1)
+    mask = ndimage.map_coordinates(tpl.mask_on_grid.astype(np.float32), coords, order=1) >= 0.5
+    x = grid[0] / brain.shape[0] - 0.5
+    image = np.clip(warped, 0, None) ** 1.5 * np.exp(0.2 * x) + rng.normal(0.0, 0.05, brain.shape)
+    return np.where(mask, np.clip(image, 0.0, None), 0.0).astype(np.float32), mask
+
+
+def _moved(volume: np.ndarray, spacing: float, rot_deg=(0.0, 0.0, 0.0), shift_mm=(0.0, 0.0, 0.0),
+           scale: float = 1.0) -> np.ndarray:
+    """``volume`` rotated/scaled about the grid centre and shifted (mm): a misregistration."""
+    centre = (np.asarray(volume.shape) - 1) / 2.0
+    forward = Rotation.from_euler("xyz", rot_deg, degrees=True).as_matrix() * scale
+    inverse = np.linalg.inv(forward)
+    offset = centre - inverse @ (centre + np.asarray(shift_mm) / spacing)
+    return ndimage.affine_transform(volume, inverse, offset, order=1)
+
+
+def test_qc_passes_another_brain_and_flags_misregistration() -> None:
+    """The QC that used to flag correctly registered real scans (unsmoothed correlation 0.55-0.65 < 0.85)
+    passes a template-derived individual brain, and still fails the same brain misregistered."""
+    pytest.importorskip("ants")
+    cfg = pp.load_preprocess_config()
+    tpl = pp.load_templates(3.0, (64, 80, 64))
+    spacing = 3.0
+    brain, mask = _individual_brain(tpl)
+    qc = pp.qc_metrics(brain, mask, tpl, cfg["qc"]["smoothing_mm"])
+    assert qc["raw_correlation"] < 0.85  # the old check's false alarm
+    assert qc["correlation"] > cfg["qc"]["min_correlation"] + 0.03, qc
+    assert pp.qc_warnings(qc, cfg) == []
+    for error in ({"shift_mm": (0.0, 9.0, 0.0)}, {"shift_mm": (7.0, 0.0, -5.0)}, {"rot_deg": (12.0, 0.0, 0.0)},
+                  {"rot_deg": (0.0, 0.0, -12.0)}, {"scale": 1.1}, {"scale": 0.88}):
+        moved = _moved(brain, spacing, **error)
+        moved_mask = _moved(mask.astype(np.float32), spacing, **error) >= 0.5
+        bad = pp.qc_metrics(np.where(moved_mask, moved, 0.0), moved_mask, tpl, cfg["qc"]["smoothing_mm"])
+        warnings = pp.qc_warnings(bad, cfg)
+        assert bad["correlation"] < cfg["qc"]["min_correlation"], (error, bad)
+        assert warnings and "check the registration" in warnings[0], error
+
+
+def test_foreground_tells_a_brain_from_a_head() -> None:
+    grid = np.indices((60, 70, 60)) - np.array([30, 35, 30]).reshape(3, 1, 1, 1)
+    r = np.sqrt((grid**2).sum(0))
+    brain = np.where(r <= 20, 100.0, 0.0)
+    brain[r <= 4] = 3.0  # dark CSF inside: a hole the mask fills
+    head = np.where(r <= 28, 60.0, 0.0) + brain + np.random.default_rng(0).normal(0, 1.0, r.shape).clip(0)
+    assert np.array_equal(pp.foreground_mask(brain), r <= 20)
+    assert (pp.foreground_mask(head) == (r <= 28)).mean() > 0.999  # air noise stays out
 
 
 # ------------------------------------------------------------------------------------------ input errors
@@ -318,13 +402,45 @@ def test_misaligned_scan_is_aligned_back(fast_run: dict) -> None:
     dice = 2 * float((brain & inside).sum()) / float(brain.sum() + inside.sum())
     assert corr > 0.93, corr
     assert dice > 0.95, dice
-    assert result.qc["correlation"] == pytest.approx(corr, abs=1e-3) and not result.warnings
+    assert result.qc["raw_correlation"] == pytest.approx(corr, abs=1e-3) and not result.warnings
     # the test is discriminative: the raw scan put on the grid without registration is far off
     raw = nib.load(str(fast_run["raw"]))
     to_raw = np.linalg.inv(raw.affine) @ pp.mni_grid(1.5, (128, 160, 128))
     unregistered = ndimage.affine_transform(np.asarray(raw.dataobj, np.float32), to_raw[:3, :3],
                                             to_raw[:3, 3], output_shape=(128, 160, 128), order=1)
     assert float(np.corrcoef(unregistered[inside], tpl.brain_on_grid[inside])[0, 1]) < 0.75
+
+
+@pytest.fixture(scope="module")
+def stripped_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same misalignment applied to the skull-stripped template brain (zero outside the brain)."""
+    pytest.importorskip("ants")
+    root = tmp_path_factory.mktemp("stripped")
+    raw = root / "raw" / "brain_T1w.nii.gz"
+    misaligned_scan(raw, rot_deg=(-7.0, 5.0, -9.0), shift=(-6.0, 8.0, 4.0), skull_stripped=True, seed=2)
+    cfg = pp.load_preprocess_config(overrides=FAST)
+    scans = pp.discover_inputs([raw])
+    results = pp.run_batch(scans, pp.plan_outputs(scans, root / "out"), cfg, workers=1)
+    return {"raw": raw, "results": results}
+
+
+def test_skull_stripped_scan_is_aligned_back(stripped_run: dict, fast_run: dict) -> None:
+    """A skull-stripped input is registered to the template brain, not its head (which scaled the head
+    onto the brain: unsmoothed correlation 0.31 with the template, on the template's own brain)."""
+    (result,) = stripped_run["results"]
+    assert result.status == "done", result.error
+    vol = np.asarray(nib.load(str(result.output)).dataobj)
+    tpl = pp.load_templates(1.5, (128, 160, 128))
+    inside = tpl.mask_on_grid
+    corr = float(np.corrcoef(vol[inside], tpl.brain_on_grid[inside])[0, 1])
+    brain = vol > 0
+    dice = 2 * float((brain & inside).sum()) / float(brain.sum() + inside.sum())
+    assert corr > 0.93 and dice > 0.95, (corr, dice)
+    assert result.qc["raw_correlation"] == pytest.approx(corr, abs=1e-3) and not result.warnings
+    kind = json.loads(pp.qc_paths(result.output)[1].read_text())["input_kind"]
+    assert kind["skull_stripped"] is True and 1500 < kind["foreground_ml"] < 2300
+    head = json.loads(pp.qc_paths(fast_run["outputs"][0])[1].read_text())["input_kind"]
+    assert head["skull_stripped"] is False and head["foreground_ml"] > 3000
 
 
 def test_qc_files_and_sidecar(fast_run: dict) -> None:
@@ -370,7 +486,7 @@ def test_cli_default_settings_bids_parallel_with_a_failure(tmp_path: Path, capsy
     assert df[["subject", "session", "diagnosis", "age"]].values.tolist() == [["sub-01", 6, "CN", 70.5]]
     meta = json.loads(pp.qc_paths(out / "sub-01_ses-M06_T1w.nii.gz")[1].read_text())
     assert meta["qc_passed"], meta["warnings"]
-    assert meta["qc"]["correlation"] > 0.93 and meta["qc"]["mask_dice"] > 0.95
+    assert meta["qc"]["raw_correlation"] > 0.93 and meta["qc"]["mask_dice"] > 0.95
     print(f"default settings: {meta['seconds']} s wall, {meta['cpu_seconds']} s CPU, {meta['timings']}")
     code = main(["preprocess", str(root / "sub-01"), "-o", str(out)])  # not a BIDS root: NIfTI search
     assert code == 2  # no T1 directly in sub-01/ -> one-line user error

@@ -83,6 +83,13 @@ def validate_config(cfg: dict, source: str = "preprocess config") -> None:
     threads = get("threads")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ConfigError(f"{source}: 'threads' must be an integer >= 0 (0 = automatic), got {threads!r}")
+    mode = get("brain_extraction.skull_stripped")
+    if mode not in ("auto", True, False):
+        raise ConfigError(f"{source}: 'brain_extraction.skull_stripped' must be auto, true or false, got {mode!r}")
+    positive("brain_extraction.stripped_max_ml")
+    smoothing = get("qc.smoothing_mm")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or smoothing < 0:
+        raise ConfigError(f"{source}: 'qc.smoothing_mm' must be a number >= 0, got {smoothing!r}")
     for key in ("qc.min_correlation", "qc.min_mask_dice"):
         value = get(key)
         if not isinstance(value, (int, float)) or not -1 <= value <= 1:

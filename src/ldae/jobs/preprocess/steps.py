@@ -180,20 +180,70 @@ def refine_mask(prob: np.ndarray, threshold: float, closing_vox: int) -> np.ndar
     return mask
 
 
-def extract_brain(image, templates: Templates, cfg: dict, workdir: Path) -> tuple[Any, str]:
-    """Brain mask of ``image`` on its native grid, and the template->scan head affine (transform file).
+#: fraction of the 99th intensity percentile above which a voxel is foreground (not air, not zero)
+FOREGROUND_FRACTION = 0.05
 
-    The template head is registered to the scan (affine at ``brain_extraction.spacing``, then an
-    optional coarse SyN); the 1 mm template brain mask is warped onto the scan resampled to
-    ``mask_spacing``, refined there (:func:`refine_mask`), and interpolated onto the native grid.
+
+def foreground_mask(data: np.ndarray) -> np.ndarray:
+    """The object in a scan: voxels above :data:`FOREGROUND_FRACTION` x the 99th percentile of the
+    positive voxels, largest connected component, holes filled (the head, or the brain of a
+    skull-stripped scan)."""
+    from scipy import ndimage
+
+    positive = data[data > 0]
+    if positive.size == 0:
+        return np.zeros(data.shape, dtype=bool)
+    mask = data > FOREGROUND_FRACTION * float(np.percentile(positive, 99))
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(mask)
+
+
+def foreground_ml(image, spacing: float) -> float:
+    """Volume (ml) of :func:`foreground_mask` of ``image`` resampled to ``spacing`` mm."""
+    work = _isotropic(image, spacing)
+    return float(foreground_mask(work.numpy()).sum()) * float(np.prod(work.spacing)) / 1000.0
+
+
+def is_skull_stripped(image, cfg: dict) -> tuple[bool, float]:
+    """Whether ``image`` holds a brain only (already skull-stripped), and its foreground volume in ml.
+
+    ``brain_extraction.skull_stripped`` decides (true / false), or ``auto``: skull-stripped when the
+    foreground is at most ``stripped_max_ml``. A brain with its CSF is 1.0-2.0 l (the ICBM 2009c brain
+    mask 1.95 l, Colin27's 1.8 l); a head with its skull is 3 l and more (Colin27 4.1 l, the published
+    LDAE sample 3.4 l, cropped above the neck).
+    """
+    be = cfg["brain_extraction"]
+    volume = foreground_ml(image, float(be["mask_spacing"]))
+    mode = be["skull_stripped"]
+    stripped = volume <= float(be["stripped_max_ml"]) if mode == "auto" else bool(mode)
+    return stripped, round(volume, 1)
+
+
+def extract_brain(image, templates: Templates, cfg: dict, workdir: Path, stripped: bool = False) -> tuple[Any, str]:
+    """Brain mask of ``image`` on its native grid, and the template->scan affine (transform file).
+
+    A scan with its skull: the template head is registered to the scan (affine at
+    ``brain_extraction.spacing``, then an optional coarse SyN); the 1 mm template brain mask is warped
+    onto the scan resampled to ``mask_spacing``, refined there (:func:`refine_mask`), and interpolated
+    onto the native grid. A skull-stripped scan (``stripped``, see :func:`is_skull_stripped`): the
+    template *brain* is registered to it (registering a head to a brain scales the head down onto the
+    brain), and its own brain (:func:`foreground_mask`) is kept as the mask.
     """
     ants = require_ants()
     be = cfg["brain_extraction"]
     spacing = float(be["spacing"])
+    reference = "brain" if stripped else "head"
     head = _affine_registration(
-        templates.resampled("head", spacing), _isotropic(image, spacing), be, workdir / "head_"
+        templates.resampled(reference, spacing), _isotropic(image, spacing), be, workdir / "head_"
     )
     affine_file = head["fwdtransforms"][0]
+    if stripped:
+        mask = foreground_mask(image.numpy())
+        return image.new_image_like(mask.astype(np.float32)), affine_file
     inverse, invert = [affine_file], [True]
     if be["syn"] and sum(be["syn_iterations"]) > 0:
         syn_spacing = float(be["syn_spacing"])
