@@ -222,22 +222,39 @@ def test_one_hot_voxel_cannot_hijack_the_scaling_and_huge_values_stay_finite(tmp
 
 # ------------------------------------------------------------------------------- the tiny model's y_sem
 def test_tiny_model_gives_the_same_y_sem_for_the_same_anatomy_on_1mm_and_15mm_grids(tiny_run: Path, tmp_path: Path):
-    """The trained tiny LDAE (6 mm grid) encodes the anatomy written on a 1 mm MNI152 grid and on the
-    paper's 1.5 mm grid to the same y_sem (relative difference a small fraction of what an 18 mm shift,
-    the old centre-crop error, changes)."""
+    """The trained tiny LDAE (6 mm grid) reads the anatomy written on a 1 mm MNI152 grid and on the paper's
+    1.5 mm grid as the same model-ready volume, and encodes both to the same y_sem: measured in units of the
+    cohort's per-dimension y_sem spread, their difference is a small fraction of the typical distance
+    between two cohort scans and of the effect of the anatomy's own 'disease' (ventricle size). (The fixture
+    model is trained for one epoch and is almost blind to an 18 mm shift, so the shift is checked on the
+    volumes: that is what the former centre crop/pad got wrong.)"""
+    from ldae.data.cohort import read_cohort
     from ldae.model import LDAE
 
     model = LDAE.load(tiny_run)
     paper = model_grid_affine(1.5, (128, 160, 128))
-    p1 = write_nifti(tmp_path / "one_mm.nii.gz", world_anatomy(MNI152_1MM, (182, 218, 182), 1.0), MNI152_1MM)
-    p15 = write_nifti(tmp_path / "paper.nii.gz", world_anatomy(paper, (128, 160, 128), 1.0), paper)
+    scans = {
+        "1mm": write_nifti(tmp_path / "one_mm.nii.gz", world_anatomy(MNI152_1MM, (182, 218, 182), 1.0), MNI152_1MM),
+        "1.5mm": write_nifti(tmp_path / "paper.nii.gz", world_anatomy(paper, (128, 160, 128), 1.0), paper),
+        "healthy": write_nifti(tmp_path / "healthy.nii.gz", world_anatomy(paper, (128, 160, 128), 0.0), paper),
+    }
     shift = paper.copy()
     shift[2, 3] += 18.0
-    ps = write_nifti(tmp_path / "shifted.nii.gz", world_anatomy(paper, (128, 160, 128), 1.0), shift)
-    (x1, _), (x15, _), (xs, _) = (model.load_volume(p) for p in (p1, p15, ps))
+    scans["shifted"] = write_nifti(tmp_path / "shifted.nii.gz", world_anatomy(paper, (128, 160, 128), 1.0), shift)
+    x = {k: model.load_volume(p)[0] for k, p in scans.items()}
+    same_volume = float((x["1mm"] - x["1.5mm"]).abs().mean())
+    assert same_volume < 2e-3 and float((x["shifted"] - x["1.5mm"]).abs().mean()) > 30 * same_volume
+    cohort = [model.load_volume(p)[0] for p in read_cohort(tiny_run.parent / "cohort" / "cohort.csv")["path"]]
     with torch.no_grad():
-        y1, y15, ys = (model.semantic(x).double() for x in (x1, x15, xs))
-    same = float((y1 - y15).norm() / y15.norm())
-    moved = float((ys - y15).norm() / y15.norm())
-    assert same < 0.2 * moved, (same, moved)
-    assert float(torch.nn.functional.cosine_similarity(y1, y15).item()) > 0.99
+        y = {k: model.semantic(v).double()[0] for k, v in x.items()}
+        ys = torch.cat([model.semantic(v).double() for v in cohort])
+    sd = ys.std(dim=0)
+
+    def dist(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a - b) / sd).norm())
+
+    typical = float(np.mean([dist(ys[i], ys[j]) for i in range(len(ys)) for j in range(i)]))
+    same, disease = dist(y["1mm"], y["1.5mm"]), dist(y["healthy"], y["1.5mm"])
+    print(f"y_sem distance (cohort sd units): 1 mm vs 1.5 mm {same:.2f}, ventricles {disease:.2f}, "
+          f"cohort pairs {typical:.2f}")
+    assert same < 0.2 * typical and same < 0.1 * disease, (same, typical, disease)

@@ -80,7 +80,7 @@ def _write(path: Path, data: np.ndarray, spacing: float = 6.0) -> Path:
     """``data`` on the MNI-centred grid of its shape at ``spacing`` mm (the model's grid for 6 mm 32x40x32)."""
     from ldae.data.geometry import model_grid_affine
 
-    nib.save(nib.Nifti1Image(data.astype(np.float32), model_grid_affine(spacing, data.shape)), str(path))
+    nib.save(nib.Nifti1Image(data.astype(np.float32), model_grid_affine(spacing, data.shape[:3])), str(path))
     return path
 
 
