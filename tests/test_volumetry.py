@@ -156,7 +156,7 @@ def test_config_and_input_errors() -> None:
 
     with pytest.raises(ConfigError, match="label_mode"):
         VolumetryConfig(label_mode="majority")
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'volumetry.spacing' \(known here: affine_iterations"):
         VolumetryConfig.from_dict({"spacing": 3})
     cfg = VolumetryConfig.from_dict({"syn_iterations": [10, 5], "registration_spacing_mm": 4})
     assert cfg.syn_iterations == (10, 5) and cfg.registration_spacing_mm == 4

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ldae.config import unknown_key
 from ldae.data.ants import remove_transforms, require_ants, seeded, set_worker_threads
 from ldae.data.ants import to_ants as _image_to_ants
 from ldae.data.templates import CEREBRA_LABELS
@@ -105,7 +106,7 @@ class VolumetryConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"volumetry: unknown key(s) {unknown}; valid: {sorted(names)}")
+            raise unknown_key(f"volumetry.{unknown[0]}", names)
         for key in (
             "syn_iterations",
             "affine_iterations",

@@ -30,7 +30,8 @@ def reconstruction_section(model: Any, scans: ScanCache, test_rows: list[int], s
     rows: list[ReconstructionRow] = []
     chunks = [test_rows[i : i + batch_size] for i in range(0, len(test_rows), batch_size)]
 
-    def run(method: str, steps: int | None, fn: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:
+    def score_method(method: str, steps: int | None, fn: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:
+        """Reconstruct every test scan with ``fn``; record per-scan scores and the method's summary row."""
         values: dict[str, list] = {"ssim": [], "mse": [], "psnr": [], "lpips": []}
         seconds = 0.0
         for chunk in progress(chunks, f"{method}{'' if steps is None else f' ({steps} steps)'}"):
@@ -53,11 +54,11 @@ def reconstruction_section(model: Any, scans: ScanCache, test_rows: list[int], s
             psnr=float(np.mean(values["psnr"])), lpips=None if lpips is None else float(np.mean(values["lpips"])),
             seconds_per_scan=seconds / max(len(test_rows), 1))))
 
-    run("autoencoder", None, lambda x, _: model.decompress(model.compress(x)))
+    score_method("autoencoder", None, lambda x, _: model.decompress(model.compress(x)))
     for steps in steps_list:
-        run("lddim_encoded", steps, lambda x, _, s=steps: model.decode(None, model.encode(x, s, semantic=False)[1], s))
-        run("ldae_encoded", steps, lambda x, _, s=steps: model.decode(*model.encode(x, s), s))
-        run("ldae_semantic", steps, lambda x, _, s=steps: model.semantic_only(x, s, seed=seed))
+        score_method("lddim_encoded", steps, lambda x, _, s=steps: model.decode(None, model.encode(x, s, semantic=False)[1], s))
+        score_method("ldae_encoded", steps, lambda x, _, s=steps: model.decode(*model.encode(x, s), s))
+        score_method("ldae_semantic", steps, lambda x, _, s=steps: model.semantic_only(x, s, seed=seed))
     # Control for the semantic-only row: the same random z_T decoded with y_sem of *another* subject's test
     # scan. The SSIM gap between the two is what y_sem says about this particular brain.
     donor = other_subject_rows(test_rows, scans.df["subject"])
@@ -67,7 +68,7 @@ def reconstruction_section(model: Any, scans: ScanCache, test_rows: list[int], s
         def with_other_y(x: torch.Tensor, rows: list[int]) -> torch.Tensor:  # same z_T as ldae_semantic
             return model.semantic_only(x, top, seed=seed, y_sem=model.semantic(scans.batch([donor[r] for r in rows])))
 
-        run("ldae_semantic_other", top, with_other_y)
+        score_method("ldae_semantic_other", top, with_other_y)
     return ReconstructionSection(rows, pd.DataFrame.from_records(records), lpips_status)
 
 

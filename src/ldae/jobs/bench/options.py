@@ -12,15 +12,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ldae.config import configs_root, load_config, load_preset
+from ldae import config
+from ldae.config import configs_root, load_preset, load_settings
 from ldae.errors import ConfigError
 
 #: the sections of a benchmark run, in the order they run (``train`` only with ``--train``)
 SECTIONS = ("gemm", "unet", "variants", "shared", "recon", "voxel", "decode", "train", "compile")
-#: the stage configs a preset's networks are built from
-STAGES = ("autoencoder", "diffusion", "representation", "voxel_dae")
+#: the stage configs a preset's networks are built from: the method's three and the voxel-space baseline
+STAGES = (*config.STAGES, "voxel_dae")
 #: the stages ``--train`` can measure (each one's LightningModule ``training_step``)
-TRAIN_STAGES = ("autoencoder", "diffusion", "representation", "voxel_dae")
+TRAIN_STAGES = STAGES
 #: ``--precision`` choices (Lightning's names); ``preset`` = each stage's ``trainer.precision``
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
@@ -29,7 +30,7 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 class TrainOptions:
     """Settings of the training-step section (``bench.yaml`` ``train``, see :func:`train_options`)."""
 
-    stages: tuple[str, ...] = ("autoencoder", "diffusion", "representation")
+    stages: tuple[str, ...] = config.STAGES
     steps: int = 3
     warmup: int = 2
     max_batch: int = 256
@@ -65,8 +66,9 @@ class BenchOptions:
 
 
 def bench_config() -> dict:
-    """The packaged ``configs/bench.yaml`` (the one place the benchmark's settings file is read)."""
-    return load_config(configs_root() / "bench.yaml")
+    """The packaged ``configs/bench.yaml`` (the one place the benchmark's settings file is read), through the
+    one settings loader (:func:`ldae.config.load_settings`)."""
+    return load_settings(configs_root() / "bench.yaml")
 
 
 def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
