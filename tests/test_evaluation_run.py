@@ -79,7 +79,7 @@ def test_metrics_schema(evaluation: Path):
 
 
 @pytest.mark.slow
-def test_probes_saved_for_prediction(evaluation: Path):
+def test_probes_saved_for_prediction(evaluation: Path, tiny_run: Path):
     import numpy as np
 
     from ldae.evaluation.probes import load_probes, predict_probes
@@ -89,6 +89,14 @@ def test_probes_saved_for_prediction(evaluation: Path):
     p_ad, age = predict_probes(probes, emb["y_sem"])
     assert p_ad.shape == age.shape == (emb["y_sem"].shape[0],)
     assert np.all((0 <= p_ad) & (p_ad <= 1)) and np.all(np.isfinite(age))
+    # tied to the representation checkpoint they were fitted on (ldae predict / manipulate check it)
+    from ldae.checkpoints import load_representation
+    from ldae.nets.weights import weights_fingerprint
+    from ldae.runs import find_checkpoint
+
+    rep = find_checkpoint(tiny_run, "representation")
+    assert probes["encoder_fingerprint"] == weights_fingerprint(load_representation(rep)[0])
+    assert Path(probes["representation_checkpoint"]) == rep
 
 
 @pytest.mark.slow
