@@ -138,26 +138,24 @@ def _session_months(label: str | None, row: dict) -> int | None:
         return None
 
 
-@functools.lru_cache(maxsize=64)
-def _participants(root: Path) -> dict[str, dict]:
-    path = root / "participants.tsv"
+def _rows_by(path: Path, key: str) -> dict[str, dict]:
+    """The rows of a BIDS TSV keyed by their ``key`` column; {} when the file does not exist."""
     if not path.is_file():
         return {}
     df = _read_tsv(path)
-    if "participant_id" not in df.columns:
-        raise CohortError(f"{path}: missing column 'participant_id'")
-    return {str(r["participant_id"]).strip(): r for r in df.to_dict("records")}
+    if key not in df.columns:
+        raise CohortError(f"{path}: missing column '{key}'")
+    return {str(r[key]).strip(): r for r in df.to_dict("records")}
+
+
+@functools.lru_cache(maxsize=64)
+def _participants(root: Path) -> dict[str, dict]:
+    return _rows_by(root / "participants.tsv", "participant_id")
 
 
 @functools.lru_cache(maxsize=1024)
 def _sessions(root: Path, subject: str) -> dict[str, dict]:
-    path = root / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
-    if not path.is_file():
-        return {}
-    df = _read_tsv(path)
-    if "session_id" not in df.columns:
-        raise CohortError(f"{path}: missing column 'session_id'")
-    return {str(r["session_id"]).strip(): r for r in df.to_dict("records")}
+    return _rows_by(root / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", "session_id")
 
 
 def cohort_rows(scans: Sequence[ScanInput], outputs: Sequence[Path]) -> tuple[list[dict], list[str]]:
