@@ -257,7 +257,7 @@ def _imbalanced_weak_cohort(seed: int = 3):
         dx = "AD" if s % 4 == 0 else "CN"
         split = "test" if s % 5 == 0 else "train"
         level = 1.0 if dx == "AD" else 0.0
-        for k in range(2):
+        for _ in range(2):
             rows.append((f"s{s:03d}", dx, split, level + 0.8 * rng.normal()))
     subject, dx, split, x = map(np.array, zip(*rows))
     return x[:, None], dx, split, subject

@@ -430,7 +430,9 @@ class BandGap:
     @classmethod
     def from_means(cls, band: list[int], plain: float, own: float, other: float | None,
                    own_beats_other: float | None) -> BandGap:
-        rel = (lambda v: None if v is None or plain <= 0 else (plain - v) / plain)
+        def rel(v: float | None) -> float | None:
+            return None if v is None or plain <= 0 else (plain - v) / plain
+
         return cls(band, plain, own, other, rel(own), rel(other), own_beats_other)
 
     def to_json(self) -> dict[str, Any]:
