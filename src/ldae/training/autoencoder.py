@@ -38,6 +38,7 @@ from ldae.nets.autoencoder import (
     l1_loss,
     latent_shape,
 )
+from ldae.nets.fast_conv import use_fast_conv3d
 from ldae.nets.perceptual import build_perceptual_loss
 from ldae.training.common import (
     make_datamodule,
@@ -97,6 +98,7 @@ class AutoencoderModule(pl.LightningModule):
         self._skipped_total = {"generator": 0, "discriminator": 0}
         self.out = Path(cfg["out"]) if cfg.get("out") else None
         self._mosaic_saved = False
+        use_fast_conv3d(self)  # CPUs without AVX-512: 3D weight gradients as forward convolutions (issue 19)
 
     # ------------------------------------------------------------------ losses (also used by tests)
     @property

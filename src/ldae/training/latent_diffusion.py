@@ -41,6 +41,7 @@ from ldae.data.latents import read_latent_meta
 from ldae.diffusion.ddim import ddim_sample
 from ldae.diffusion.schedule import NoiseSchedule
 from ldae.errors import ConfigError
+from ldae.nets.fast_conv import use_fast_conv3d
 from ldae.nets.unet import LatentUNet, check_config
 from ldae.training.common import (
     check_ema_decay,
@@ -101,6 +102,7 @@ class LatentDiffusionModule(EMAStepMixin, pl.LightningModule):
         self.schedule = NoiseSchedule.from_config(cfg["diffusion"])
         self.out = Path(cfg["out"])
         self._autoencoder: list = []  # [(net, cfg) or None], loaded lazily, kept out of the state dict
+        use_fast_conv3d(self)  # CPUs without AVX-512: 3D weight gradients as forward convolutions (issue 19)
 
     # -------------------------------------------------------------- losses
     def diffusion_loss(self, net: torch.nn.Module, z0: torch.Tensor, generator: torch.Generator | None = None):

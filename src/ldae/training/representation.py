@@ -42,6 +42,7 @@ from ldae.diffusion.pdae import guided_eps_fn, pdae_loss
 from ldae.distributed import is_main_process
 from ldae.errors import CheckpointError, ConfigError
 from ldae.io import write_json
+from ldae.nets.fast_conv import use_fast_conv3d
 from ldae.nets.semantic_encoder import build_semantic_encoder
 from ldae.nets.weights import freeze, weights_fingerprint
 from ldae.training.common import (
@@ -90,6 +91,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
         self.out = Path(cfg["out"])
         self._autoencoder: list = []
         self._val: dict[str, list[torch.Tensor]] = {}
+        use_fast_conv3d(self)  # the gradient estimator's 3D weight gradients on CPUs without AVX-512 (issue 19)
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -23,6 +23,7 @@ from ldae.checkpoints import attach_metadata, stage_metadata
 from ldae.config import get_dotted
 from ldae.diffusion.schedule import NoiseSchedule
 from ldae.errors import ConfigError
+from ldae.nets.fast_conv import use_fast_conv3d
 from ldae.training.common import (
     check_ema_decay,
     prepare_run,
@@ -52,6 +53,7 @@ class VoxelDAEModule(EMAStepMixin, pl.LightningModule):
         self.schedule = NoiseSchedule.from_config(cfg["diffusion"])
         self.out = Path(cfg["out"]) if cfg.get("out") else None
         self._val: dict[str, list[Tensor]] = {}
+        use_fast_conv3d(self)  # CPUs without AVX-512: 3D weight gradients as forward convolutions (issue 19)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = batch["image"]
