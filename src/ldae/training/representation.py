@@ -49,6 +49,7 @@ from ldae.training.common import (
     make_datamodule,
     prepare_run,
     require_sections,
+    resolve_precision,
     train,
 )
 from ldae.training.ema import EMA, EMAStepMixin, adam_from_config
@@ -201,6 +202,7 @@ def fit(cfg: dict, resume: bool = False) -> Path:
 
     cfg = copy.deepcopy(cfg)
     _validate(cfg)
+    cfg["trainer"]["precision"] = resolve_precision(cfg["trainer"])  # bf16 -> 32-true where it is emulated
     data = cfg["data"]
     meta = read_latent_meta(data["csv"])
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
