@@ -422,6 +422,7 @@ def test_time_training_step_runs_the_modules_steps(manual: bool, one_thread):
     out = time_training_step(module, {"x": torch.ones(3, 4)}, CPU, steps=3, warmup=2)
     assert module.steps == 5 and len(out["runs_s"]) == 3 and out["steps"] == 3 and out["warmup"] == 2
     assert 0 < out["min_s"] <= out["s"]
+    assert 0 <= out["cpu_min_s"] <= out["cpu_s"]  # process CPU time of the same steps
     assert not torch.equal(module.net.weight, before)  # optimiser steps ran
     if not manual:
         assert int(module.ema.num_updates) == 5  # the EMA update after every optimiser step

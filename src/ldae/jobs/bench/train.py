@@ -37,6 +37,7 @@ import contextlib
 import copy
 import logging
 import math
+import statistics
 import tempfile
 import time
 import warnings
@@ -88,15 +89,17 @@ def _step_timer(device: torch.device) -> Any:
     class StepTimer(Callback):
         def __init__(self) -> None:
             self.runs: list[float] = []
-            self._t0 = 0.0
+            self.cpu_runs: list[float] = []  # process CPU time: robust to other jobs sharing the cores
+            self._t0 = self._c0 = 0.0
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             synchronize(device)
-            self._t0 = time.perf_counter()
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             synchronize(device)
             self.runs.append(time.perf_counter() - self._t0)
+            self.cpu_runs.append(time.process_time() - self._c0)
 
     return StepTimer()
 
@@ -132,7 +135,8 @@ def lightning_device(device: torch.device) -> dict[str, Any]:
 def time_training_step(module: Any, batch: dict[str, Tensor], device: torch.device, *, precision: str = "32-true",
                        steps: int = 3, warmup: int = 1, trainer_kwargs: dict | None = None) -> dict:
     """Time ``steps`` optimiser steps of the LightningModule ``module`` on ``batch`` (after ``warmup`` untimed
-    ones) through ``lightning.pytorch.Trainer.fit``: ``{'s': median, 'min_s', 'runs_s', 'steps', 'warmup'}``.
+    ones) through ``lightning.pytorch.Trainer.fit``: ``{'s': median, 'min_s', 'runs_s', 'cpu_s', 'cpu_min_s',
+    'steps', 'warmup'}`` (``cpu_s``: median process CPU time of a step, all threads).
 
     The trainer runs one process on ``device`` at ``precision`` with no logger, checkpoints, progress bar or
     validation; ``trainer_kwargs`` adds Trainer arguments (e.g. ``gradient_clip_val``). Afterwards the module
@@ -165,7 +169,9 @@ def time_training_step(module: Any, batch: dict[str, Tensor], device: torch.devi
     runs = timer.runs[int(warmup):]
     if len(runs) < int(steps):
         raise RuntimeError(f"training ran {len(timer.runs)} of {n} steps")
-    return {**summary(runs), "steps": int(steps), "warmup": int(warmup)}
+    cpu = timer.cpu_runs[int(warmup):]
+    return {**summary(runs), "cpu_s": statistics.median(cpu), "cpu_min_s": min(cpu), "steps": int(steps),
+            "warmup": int(warmup)}
 
 
 # ----------------------------------------------------------------------------- the stages
