@@ -7,7 +7,7 @@ prefixed by the stage they apply to, e.g. ``--autoencoder.trainer.max_epochs 3``
 Reruns are guarded: ``RUN/inputs.json`` records what the run was made from (preset, the cohort CSV's
 SHA-256, the overrides, each stage's resolved config); a rerun with another CSV, preset or overrides stops
 with one line saying what differs, unless ``restart=True`` (``--restart``) clears the run's stage folders
-and starts over. ``RUN/.ldae.lock`` (:class:`ldae.runs.RunLock`) keeps a second pipeline out of a folder
+and starts over. ``RUN/ldae.lock`` (:class:`ldae.runs.RunLock`) keeps a second pipeline out of a folder
 that one is writing. Every config and override is validated before the run folder is created.
 """
 
