@@ -480,3 +480,23 @@ def test_inference_commands_take_the_sampler_option() -> None:
     for command in ("encode", "reconstruct", "variations", "manipulate"):
         assert parser.parse_args([command, "--model", "RUN", "s.nii.gz", "--sampler", "official"]).sampler == "official"
         assert parser.parse_args([command, "--model", "RUN", "s.nii.gz"]).sampler == "ldae"
+
+
+def test_manipulate_defaults_to_the_release_direction(official_run) -> None:
+    """``ldae manipulate`` on an imported run moves along the release classifier's AD direction (standardised
+    y_sem, sign turned to AD), not along evaluation probes the run does not have; ``--direction`` still wins."""
+    import argparse
+
+    import numpy as np
+
+    from ldae.commands import manipulate
+    from ldae.jobs.import_official import load_release_classifier, release_classifier_path
+
+    args = argparse.Namespace(model=str(official_run), direction=None)
+    path = manipulate._direction_path(args)
+    assert path == release_classifier_path(official_run)
+    expected = np.asarray(load_release_classifier(path)["ad_vs_cn"]["coef"], dtype=np.float64).reshape(-1)
+    w = R.state_dict("classifier")["weight"].double().reshape(-1).numpy()
+    np.testing.assert_allclose(manipulate._direction(args), expected)
+    np.testing.assert_allclose(expected, -w, rtol=1e-6, atol=1e-9)  # σ = 1 in this fixture: AD = −(CN logit)
+    assert manipulate._direction_path(argparse.Namespace(model=str(official_run), direction="d.npy")).name == "d.npy"

@@ -18,13 +18,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _direction_path(args: argparse.Namespace):
-    """``--direction``, or the probes ``ldae evaluate`` saved for the run (``RUN/evaluation/probes.json``,
-    also when ``--model`` names its representation stage folder)."""
+    """``--direction``; else, for a run imported with ``ldae import-official``, the release's classifier
+    (``RUN/release/classifier.json``); else the probes ``ldae evaluate`` saved for the run
+    (``RUN/evaluation/probes.json``, also when ``--model`` names its representation stage folder)."""
     from pathlib import Path
 
+    from ldae.jobs.import_official import release_classifier_path
     from ldae.jobs.predict import default_probes_path
+    from ldae.runs import run_folder
 
-    return Path(args.direction) if args.direction else default_probes_path(args.model)
+    if args.direction:
+        return Path(args.direction)
+    release = release_classifier_path(run_folder(args.model))
+    return release if release.is_file() else default_probes_path(args.model)
+
+
+def _is_release_classifier(path) -> bool:
+    from ldae.jobs.import_official import CLASSIFIER_FILE, RELEASE_DIR
+
+    return path.name == CLASSIFIER_FILE and path.parent.name == RELEASE_DIR
 
 
 def _direction(args: argparse.Namespace):
@@ -44,6 +56,10 @@ def _direction(args: argparse.Namespace):
             reason = "an object (pickled) array" if "allow_pickle" in str(exc) else describe(exc)
             raise LDAEError(f"{path}: not a numeric .npy direction ({reason})") from None
         return _checked_direction(raw, path)
+    if _is_release_classifier(path):  # the published model's AD-vs-CN direction (standardised y_sem)
+        from ldae.jobs.import_official import load_release_classifier
+
+        return _checked_direction(np.asarray(load_release_classifier(path)["ad_vs_cn"]["coef"]), path)
     from ldae.evaluation.probes import load_probes
 
     # the probe's standardised coefficients: the steepest AD direction in y_sem normalised by its
@@ -82,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     direction = _direction(args)
     model, items, _ = _inference.load(args)
     path = _direction_path(args)
-    if path.suffix != ".npy":  # probes: they must have been fitted on this model's representation
+    if path.suffix != ".npy" and not _is_release_classifier(path):  # probes: fitted on this representation?
         from ldae.evaluation.probes import check_probes_fitted_on, load_probes
 
         check_probes_fitted_on(load_probes(path), model.fingerprints["semantic_encoder"], path)
