@@ -26,14 +26,15 @@ Tensor = torch.Tensor
 
 
 def _notes(opts: BenchOptions, env: dict, device: torch.device) -> list[str]:
-    notes = [
-        "random networks of the preset; zero-initialised layers re-initialised so outputs are not trivially 0",
-        "FLOPs: FlopCounterMode on the meta device (matmul/conv/attention only); times: median of repeats",
-        "peak memory: increase over the call (CPU resident set / CUDA allocated), weights excluded",
-        f"reconstructions run {opts.steps} DDIM steps each way; extrapolated per step to "
-        f"{opts.paper_claim['steps']} steps (fixed costs + 2 x steps x measured per-step cost)",
-    ]
-    if opts.train is not None:
+    on = opts.sections()
+    notes = ["random networks of the preset; zero-initialised layers re-initialised so outputs are not trivially 0",
+             "FLOPs: FlopCounterMode on the meta device (matmul/conv/attention only); times: median of repeats"]
+    if {"recon", "voxel", "decode"} & set(on):
+        notes.append("peak memory: increase over the call (CPU resident set / CUDA allocated), weights excluded")
+    if {"recon", "voxel"} & set(on):
+        notes.append(f"reconstructions run {opts.steps} DDIM steps each way; extrapolated per step to "
+                     f"{opts.paper_claim['steps']} steps (fixed costs + 2 x steps x measured per-step cost)")
+    if "train" in on:
         notes.append("training steps: the stages' LightningModules through Trainer.fit on a fixed batch on the "
                      "device (forward, backward, optimiser step, EMA; the autoencoder's discriminator step too); "
                      "peak memory there includes weights, gradients and optimiser state")
