@@ -18,9 +18,9 @@ from torch import nn
 from ldae.checkpoints import load_latent_diffusion
 from ldae.cli import main
 from ldae.config import load_preset
+from ldae.data.geometry import MNI_BRAIN_CENTRE, model_grid_affine
 from ldae.data.latents import read_latent_meta
 from ldae.errors import CheckpointError, CohortError, ConfigError
-from ldae.model import volume_affine
 from ldae.training.ema import EMA, FrozenEvalMixin, freeze
 from ldae.training.latent_diffusion import LatentDiffusionModule, fit
 
@@ -250,7 +250,7 @@ def test_generate_writes_nifti_and_png(trained, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     img = nib.load(tmp_path / "a" / "sample_000.nii.gz")
     assert img.shape == tuple(AE_SHAPE)
-    np.testing.assert_allclose(img.affine, volume_affine(6.0, AE_SHAPE))
+    np.testing.assert_allclose(img.affine, model_grid_affine(6.0, AE_SHAPE))
     assert np.allclose(np.diag(img.affine)[:3], 6.0)
     assert (tmp_path / "a" / "samples.png").is_file() and (tmp_path / "a" / "sample_001.nii.gz").is_file()
     same = nib.load(tmp_path / "b" / "sample_000.nii.gz").get_fdata()
@@ -259,7 +259,9 @@ def test_generate_writes_nifti_and_png(trained, tmp_path, capsys):
     assert "no diffusion checkpoint" in capsys.readouterr().err
 
 
-def test_volume_affine_centres_the_grid():
-    a = volume_affine(1.5, [128, 160, 128])
+def test_generated_volumes_lie_on_the_model_grid():
+    """Generated volumes get the model's grid (MNI brain centre at the grid's centre), the grid every input
+    is resampled onto, so they overlay real model-ready scans."""
+    a = model_grid_affine(1.5, [128, 160, 128])
     centre = a @ np.array([63.5, 79.5, 63.5, 1.0])
-    assert np.allclose(centre[:3], 0.0) and math.isclose(a[0, 0], 1.5)
+    assert np.allclose(centre[:3], MNI_BRAIN_CENTRE) and math.isclose(a[0, 0], 1.5)

@@ -254,11 +254,3 @@ def _recorded(meta: StageMetadata, stage: str) -> str | None:
     ref = meta.upstream.get(stage)
     return ref.fingerprint if ref else None
 
-
-def volume_affine(spacing: float | Sequence[float], shape: Sequence[int]) -> np.ndarray:
-    """RAS affine of a generated model-ready volume: ``spacing`` mm voxels, centred on the origin
-    (generated volumes have no source scan whose affine could be kept)."""
-    sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
-    affine = np.diag([*sp, 1.0])
-    affine[:3, 3] = -0.5 * sp * (np.asarray(shape, dtype=np.float64) - 1.0)
-    return affine

@@ -25,10 +25,10 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ldae.checkpoints import UpstreamNotFound, load_latent_diffusion
+    from ldae.data.geometry import model_grid_affine
     from ldae.distributed import resolve_device
     from ldae.errors import ConfigError
     from ldae.io import write_nifti
-    from ldae.model import volume_affine
     from ldae.runs import find_checkpoint
     from ldae.viz import save_mosaic
 
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     autoencoder = ae.net
     model = Path(args.model)
     out = Path(args.out) if args.out else (model / "generated" if model.is_dir() else ckpt.parent.parent / "generated")
-    affine = volume_affine(ae.config["data"]["spacing"], ae.config["data"]["shape"])
+    affine = model_grid_affine(ae.config["data"]["spacing"], ae.config["data"]["shape"])
 
     generator = torch.Generator().manual_seed(args.seed)
     latents = ldm.sample(args.n, steps=args.steps, eta=args.eta, generator=generator, progress=True)
