@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU acceptance check (issue 18). On a machine with one CUDA device, in about 10 minutes, into one folder:
+# GPU acceptance check (issue 18). On a machine with one CUDA device, in at most 10 minutes (each step has a
+# time limit: tests 90 s, bench 240 s, synth 90 s, pipeline 180 s), into one folder:
 #   1. tests/        the CUDA tests of the suite (pytest -m cuda)
 #   2. bench_paper   ldae bench --preset paper --device cuda --train: inference table, training step per stage
 #                    at batch 1, 2, 4, ... until out of memory, largest batch, projected paper schedule
@@ -45,7 +46,7 @@ if [[ "$TINY" == 1 ]]; then
   LIMIT=0                                   # no time limits on the CPU
 else
   DEVICE=cuda
-  BENCH=(--preset paper --device cuda --train-budget 60)
+  BENCH=(--preset paper --device cuda --train-budget 45)
   SYNTH=(--subjects 30 --shape 64 80 64 --spacing 3)
   PRESET=small
   EPOCHS=(--autoencoder.trainer.max_epochs 3 --autoencoder.loss.adversarial_warmup_epochs 1
@@ -83,14 +84,14 @@ for step in $STEPS; do
   case $step in
     tests)  # the suite's CUDA tests (skipped without a device), from the files that have any
       mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" "$ROOT"/tests/test_*.py)
-      run tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda "${CUDA_TESTS[@]}" ;;
+      run tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda "${CUDA_TESTS[@]}" ;;
     bench)
-      run bench_$([[ "$TINY" == 1 ]] && echo tiny || echo paper) 330 \
+      run bench_$([[ "$TINY" == 1 ]] && echo tiny || echo paper) 240 \
         "$LDAE" bench "${BENCH[@]}" --train --no-compile --json "$OUT/bench.json" ;;
     pipeline)
       # ground-truth volumes on a 3 mm grid (within ~2 % of 1.5 mm; configs/demo.yaml does the same)
-      run synth 120 "$LDAE" synth --out "$OUT/cohort" "${SYNTH[@]}" --seed 0 --quiet --grid.truth_spacing 3.0
-      run pipeline 300 "$LDAE" pipeline --preset "$PRESET" --csv "$OUT/cohort/cohort.csv" --out "$OUT/run" \
+      run synth 90 "$LDAE" synth --out "$OUT/cohort" "${SYNTH[@]}" --seed 0 --quiet --grid.truth_spacing 3.0
+      run pipeline 180 "$LDAE" pipeline --preset "$PRESET" --csv "$OUT/cohort/cohort.csv" --out "$OUT/run" \
         --restart "${EPOCHS[@]}" \
         --representation.trainer.check_val_every_n_epoch 1 --diffusion.validation.sample_every_n_epochs 1 \
         --diffusion.validation.ddim_steps "$EVAL_STEPS" --representation.validation.ddim_steps "$EVAL_STEPS" \
