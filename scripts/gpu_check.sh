@@ -139,5 +139,4 @@ sys.exit(0 if summary["passed"] else 1)
 EOF
 }
 
-main "$@"
-exit $?
+main "$@"; exit $?  # one line: bash never reads past it, even if the file changed meanwhile
