@@ -128,3 +128,39 @@ def test_subclasses_are_left_alone():
     assert [type(m) for m in net] == [Mine, nn.Conv2d, FastConv3d]
     x = torch.randn(1, 1, 5, 5, 5)
     torch.testing.assert_close(net[2](x), F.conv3d(x, net[2].weight, net[2].bias))
+
+
+def _aten_ops(fn) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_single_volumes_run_through_onednn():
+    """A batch of one volume: PyTorch's own rule picks ATen's slow_conv3d (N·C·D·H = 20480 is not above its
+    threshold), FastConv3d oneDNN, with the same output."""
+    torch.manual_seed(0)
+    stock = nn.Conv3d(16, 16, 3, padding=1)
+    fast = use_fast_conv3d(nn.Sequential(__import__("copy").deepcopy(stock)))[0]
+    x = torch.randn(1, 16, 32, 40, 32)
+    with torch.no_grad():
+        assert "aten::slow_conv3d_forward" in _aten_ops(lambda: stock(x))
+        ops = _aten_ops(lambda: fast(x))
+        assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
+        torch.testing.assert_close(fast(x), stock(x), rtol=1e-4, atol=1e-5)
+        assert fast_conv.single_volume_onednn_applies(fast, x, fast.weight)
+        assert not fast_conv.single_volume_onednn_applies(fast, x.expand(2, -1, -1, -1, -1), fast.weight)
+        one = use_fast_conv3d(nn.Sequential(nn.Conv3d(16, 4, 1)))[0]
+        assert not fast_conv.single_volume_onednn_applies(one, x, one.weight)  # 1x1x1: PyTorch's rule stands
+        mkldnn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            assert not fast_conv.single_volume_onednn_applies(fast, x, fast.weight)
+        finally:
+            torch.backends.mkldnn.enabled = mkldnn
+    # with a gradient to compute, the stock (differentiable) path runs
+    assert not fast_conv.single_volume_onednn_applies(fast, x, fast.weight)
+    with weight_grad_mode("onednn"):
+        assert "aten::slow_conv3d_forward" in _aten_ops(lambda: fast(x).sum().backward())

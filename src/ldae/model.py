@@ -34,6 +34,7 @@ from ldae.diffusion.ddim import ddim_sample, sampler_functions
 from ldae.diffusion.interpolation import slerp
 from ldae.diffusion.pdae import guided_eps_fn
 from ldae.errors import CheckpointError, LDAEError
+from ldae.nets.fast_conv import use_fast_conv3d
 from ldae.nets.weights import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ class LDAE(ModelReadyInput):
     #: DDIM of encode/decode: "ldae" (default: reaches T−1 and the clean level, no clamp) or "official" (the
     #: published LDAE code's "ddimN", clamping ẑ_0 to [−1, 1]: :func:`ldae.diffusion.ddim.official_ddim_sample`)
     sampler: str = "ldae"
+
+    def __post_init__(self) -> None:
+        # single scans (interpolation, manipulation, the CLI) through oneDNN, not ATen's slow_conv3d (issue 19)
+        for net in (self.autoencoder, self.unet, self.shift):
+            if net is not None:
+                use_fast_conv3d(net)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -1,4 +1,5 @@
-"""3D convolutions whose weight gradient runs as a *forward* convolution on CPUs without AVX-512.
+"""3D convolutions for CPUs: the weight gradient as a *forward* convolution on CPUs without AVX-512, and
+oneDNN (not ATen's im2col loop) for single-volume batches.
 
 Why. PyTorch's CPU convolutions are oneDNN's. On an x86 CPU without AVX-512 (most laptops, many cloud and
 cluster nodes) oneDNN has fast direct kernels for the forward pass and the input gradient of a 3D
@@ -27,11 +28,22 @@ one thread, weight gradient alone): 1.4-4.8x faster for those; 1x1x1 convolution
 is direct) and 3x3x3 stride-2 ones (0.8x) keep oneDNN's. Everything else — forward values, CUDA, autocast,
 CPUs with AVX-512, whose oneDNN has direct weight-gradient kernels — runs the stock ``nn.Conv3d`` code.
 
-Use :func:`use_fast_conv3d` on a module (the training stages do) to switch its ``nn.Conv3d`` layers to
-:class:`FastConv3d`: same parameters, same state dict, same forward. ``LDAE_CONV3D_WGRAD`` overrides the
-choice: ``auto`` (default: on when the CPU, or a cap such as ``ATEN_CPU_CAPABILITY=avx2`` /
-``ONEDNN_MAX_CPU_ISA=AVX2``, leaves no AVX-512), ``forward`` (always, where it applies) or ``onednn``
-(never).
+Batches of one volume. PyTorch picks oneDNN for a CPU float32 convolution only if the batch has more than
+one sample, or N·C·D·H (the first four sizes) exceeds 20480, or the kernel is larger than 3 (a rule made
+for 2D images); otherwise it runs ATen's own im2col convolution (``slow_conv3d``). Single 3D volumes at the
+demo's sizes (1x16x32x40x32 in the autoencoder, 1x32x8x10x8 in the latent UNet) fall on the slow side:
+measured on the AVX2 EPYC (one thread), the autoencoder's encode of one scan took 7x, its decode 3.7x and
+a guided ε evaluation 1.7x as long as through oneDNN, which the evaluation's interpolation and manipulation
+(one scan at a time) pay at every DDIM step. :class:`FastConv3d` therefore calls oneDNN
+(``torch.mkldnn_convolution``) for batch-1 CPU float32 convolutions with a kernel larger than 1x1x1 when no
+gradient is needed (outputs agree to float rounding, ~1e-6 relative); ``torch.backends.mkldnn.enabled =
+False`` turns it off like every other oneDNN use.
+
+Use :func:`use_fast_conv3d` on a module (the training stages and :class:`ldae.model.LDAE` do) to switch its
+``nn.Conv3d`` layers to :class:`FastConv3d`: same parameters, same state dict, same forward values.
+``LDAE_CONV3D_WGRAD`` overrides the weight-gradient choice: ``auto`` (default: on when the CPU, or a cap such
+as ``ATEN_CPU_CAPABILITY=avx2`` / ``ONEDNN_MAX_CPU_ISA=AVX2``, leaves no AVX-512), ``forward`` (always,
+where it applies) or ``onednn`` (never).
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ Tensor = torch.Tensor
 ENV = "LDAE_CONV3D_WGRAD"
 MODES = ("auto", "forward", "onednn")
 _override: list[str] = []  # set by :func:`weight_grad_mode` (benchmarks, tests)
+_single_volume: list[bool] = []  # set by :func:`single_volume_mode` (benchmarks)
 
 
 def _cpu_lacks_avx512(capability: str, onednn_isa: str) -> bool:
@@ -83,6 +96,17 @@ def weight_grad_mode(choice: str) -> Iterator[None]:
         yield
     finally:
         _override.pop()
+
+
+@contextlib.contextmanager
+def single_volume_mode(enabled: bool) -> Iterator[None]:
+    """Within the block, send single-volume batches to oneDNN (True, the default) or leave them to PyTorch's
+    rule (False: what ``nn.Conv3d`` does; for before/after measurements)."""
+    _single_volume.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _single_volume.pop()
 
 
 def conv3d_weight_grad(x: Tensor, grad_out: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
@@ -141,13 +165,33 @@ def fast_weight_grad_applies(conv: nn.Conv3d, x: Tensor, weight: Tensor) -> bool
     return mode() == "forward"
 
 
+def single_volume_onednn_applies(conv: nn.Conv3d, x: Tensor, weight: Tensor) -> bool:
+    """Whether :class:`FastConv3d` sends this call to oneDNN although PyTorch would run ``slow_conv3d``: a
+    CPU float32 batch of one volume, a kernel larger than 1x1x1, no gradient needed, oneDNN enabled."""
+    if x.dim() != 5 or x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if weight.dtype != torch.float32 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if all(k == 1 for k in conv.kernel_size) or torch.is_autocast_enabled("cpu"):
+        return False
+    if _single_volume and not _single_volume[-1]:
+        return False
+    return bool(torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available())
+
+
 class FastConv3d(nn.Conv3d):
-    """``nn.Conv3d`` with the forward-convolution weight gradient where it applies (module docstring)."""
+    """``nn.Conv3d`` with the forward-convolution weight gradient and oneDNN for single volumes where they
+    apply (module docstring)."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: A002
         if fast_weight_grad_applies(self, input, weight):
             return _Conv3dForwardWeightGrad.apply(input, weight, bias, tuple(self.stride), tuple(self.padding),
                                                   tuple(self.dilation))
+        if single_volume_onednn_applies(self, input, weight):
+            return torch.mkldnn_convolution(input.contiguous(), weight.contiguous(), bias, self.padding,
+                                            self.stride, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
 
 

@@ -6,12 +6,15 @@ DDPM, the representation stage with its frozen UNet — through :func:`ldae.jobs
 (the stages' LightningModules in ``Trainer.fit``), and one evaluation-style reconstruction (``recon``):
 :meth:`ldae.model.LDAE.encode` + :meth:`~ldae.model.LDAE.decode` (DDIM inversion and sampling, ``ddim_steps``
 each way, guided by the semantic encoder and the gradient estimator, decoded by the autoencoder) of the
-evaluation's batch of scans.
+evaluation's batch of scans, and the same for one scan (``recon1``: what the evaluation's interpolation and
+manipulation sections run, one scan at a time).
 
 Variants. A variant is a set of CPU settings applied around each of its measurements:
 
 * ``wgrad``: ``forward`` | ``onednn`` | ``auto`` — the 3D weight-gradient path of
   :mod:`ldae.nets.fast_conv`;
+* ``single``: ``true`` | ``false`` — single-volume batches through oneDNN (:mod:`ldae.nets.fast_conv`) or
+  PyTorch's own choice (``slow_conv3d``);
 * ``threads``: torch intra-op threads;
 * ``mkldnn``: ``true`` | ``false`` — ``torch.backends.mkldnn.enabled`` (false: ATen's own convolutions).
 
@@ -49,9 +52,9 @@ from ldae.errors import ConfigError
 Tensor = torch.Tensor
 
 TRAIN_STAGES = ("autoencoder", "diffusion", "representation")
-PARTS = (*TRAIN_STAGES, "recon")
+PARTS = (*TRAIN_STAGES, "recon", "recon1")
 CAP_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-KNOBS = ("wgrad", "threads", "mkldnn")
+KNOBS = ("wgrad", "single", "threads", "mkldnn")
 
 
 # ----------------------------------------------------------------------------- variants
@@ -69,25 +72,29 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         key, value = key.strip(), value.strip()
         if key == "wgrad" and value in ("forward", "onednn", "auto"):
             knobs[key] = value
+        elif key == "single" and value.lower() in ("true", "false"):
+            knobs[key] = value.lower() == "true"
         elif key == "threads" and value.isdigit() and int(value) >= 1:
             knobs[key] = int(value)
         elif key == "mkldnn" and value.lower() in ("true", "false"):
             knobs[key] = value.lower() == "true"
         else:
-            raise ConfigError(f"variant {text!r}: bad setting {item!r} (wgrad=forward|onednn|auto, threads=N>=1, "
-                              "mkldnn=true|false)")
+            raise ConfigError(f"variant {text!r}: bad setting {item!r} (wgrad=forward|onednn|auto, "
+                              "single=true|false, threads=N>=1, mkldnn=true|false)")
     return name, knobs
 
 
 @contextlib.contextmanager
 def applied(knobs: dict[str, Any]) -> Iterator[None]:
     """The CPU settings of one variant within the block (the previous ones restored after)."""
-    from ldae.nets.fast_conv import weight_grad_mode
+    from ldae.nets.fast_conv import single_volume_mode, weight_grad_mode
 
     threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     with contextlib.ExitStack() as stack:
         if "wgrad" in knobs:
             stack.enter_context(weight_grad_mode(knobs["wgrad"]))
+        if "single" in knobs:
+            stack.enter_context(single_volume_mode(knobs["single"]))
         if "threads" in knobs:
             torch.set_num_threads(int(knobs["threads"]))
         if "mkldnn" in knobs:
@@ -138,7 +145,7 @@ def part_runners(preset: str, parts: Sequence[str], steps: int, ddim_steps: int,
                                       trainer_kwargs=setup.trainer_kwargs)
 
         runners[stage] = run
-    if "recon" in parts:
+    if "recon" in parts or "recon1" in parts:
         from ldae.jobs.bench.models import build_ldae
 
         model = build_ldae(cfgs, device, seed)
@@ -148,10 +155,13 @@ def part_runners(preset: str, parts: Sequence[str], steps: int, ddim_steps: int,
         x = torch.rand((n, 1, *cfgs.image_shape), generator=torch.Generator().manual_seed(seed))
 
         @torch.no_grad()
-        def reconstruct() -> Tensor:
+        def reconstruct(x: Tensor = x) -> Tensor:
             return model.decode(*model.encode(x, ddim_steps), ddim_steps)
 
-        runners["recon"] = lambda: _timed(reconstruct, steps)
+        if "recon" in parts:
+            runners["recon"] = lambda: _timed(reconstruct, steps)
+        if "recon1" in parts:
+            runners["recon1"] = lambda: _timed(lambda: reconstruct(x[:1]), steps)
     return runners
 
 
@@ -241,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", choices=("tiny", "small", "paper"))
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     p.add_argument("--variant", action="append", default=[], help="NAME:KNOB=VALUE[,KNOB=VALUE] (repeatable; "
-                   "knobs wgrad=forward|onednn|auto, threads=N, mkldnn=true|false); default: the settings in force")
+                   "knobs wgrad=forward|onednn|auto, single=true|false, threads=N, mkldnn=true|false); default: the "
+                   "settings in force")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round and variant (default 2)")
     p.add_argument("--ddim-steps", type=int, default=10, help="DDIM steps each way of 'recon' (default 10)")
