@@ -1,4 +1,4 @@
-"""Atomic file output: every file the project writes goes to a temporary name in the same folder and is
+"""Output paths: the output-folder check, and atomic file output: every file the project writes goes to a temporary name in the same folder and is
 renamed into place, so an interrupted run never leaves a half-written file under the final name."""
 
 from __future__ import annotations
@@ -31,6 +31,25 @@ def nifti_stem(path: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if it can be the output folder: not an existing file, and the folder itself or
+    the nearest existing parent it would be created in is a writable folder. ConfigError otherwise.
+    Nothing is created: called before any work so that a refused folder costs nothing."""
+    from ldae.errors import ConfigError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out is an existing file, not a folder")
+    parent = out
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{out}: --out cannot be created ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: --out is not writable (no write permission on {parent})")
+    return out
 
 
 @contextlib.contextmanager

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ldae.io import atomic_path
+
+
+def _save_figure(fig: Any, path: str | Path, title: str | None) -> Path:
+    """Title, tighten, write ``fig`` as a PNG under a temporary name renamed to ``path``, close it."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(plain_text(title), fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    return Path(path)
 
 
 def plain_text(text: object) -> str:
@@ -71,13 +85,7 @@ def save_mosaic(
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(plain_text(label), fontsize=9)
-    if title:
-        fig.suptitle(plain_text(title), fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path, title)
 
 
 def save_strip(
@@ -113,10 +121,4 @@ def save_strip(
             axes[r, c].set_yticks([])
     if ref is not None:
         axes[1, 0].set_ylabel("difference", fontsize=9)
-    if title:
-        fig.suptitle(plain_text(title), fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path, title)

@@ -47,6 +47,7 @@ from ldae.nets.unet import (
     ResBlock,
     TimeEmbedding,
     check_config,
+    condition_width,
     count_parameters,
 )
 from ldae.nets.weights import freeze
@@ -83,10 +84,8 @@ class ConditionalUNet(nn.Module):
     def __init__(self, unet_cfg: dict, cond_dim: int) -> None:
         super().__init__()
         cfg = check_config(dict(unet_cfg))
-        if int(cond_dim) < 1:
-            raise ConfigError(f"voxel DAE condition width must be >= 1, got {cond_dim}")
         self.config = cfg
-        self.cond_dim = int(cond_dim)
+        self.cond_dim = condition_width(cond_dim, "voxel DAE")
         chans, groups, heads = cfg["channels"], int(cfg["norm_num_groups"]), int(cfg["num_heads"])
         emb_dim, drop = 4 * chans[0], float(cfg["dropout"])
         self.time_embed = TimeEmbedding(chans[0])

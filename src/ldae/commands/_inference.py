@@ -90,26 +90,10 @@ def load(args: argparse.Namespace):
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """LDAEError, before any computation, unless ``out`` can be the output folder: not an existing file,
-    and writable (the folder itself, or the nearest existing parent it would be created in). Nothing is
-    created here."""
-    import os
+    """ConfigError, before any computation, unless ``out`` can be the output folder (nothing is created)."""
+    from ldae.io import check_output_folder
 
-    from ldae.errors import LDAEError
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LDAEError(f"{out}: --out is an existing file, not a folder")
-    parent = out
-    while not parent.exists():
-        if parent.parent == parent:
-            break
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LDAEError(f"{out}: --out cannot be created ({parent} is a file)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LDAEError(f"{out}: --out is not writable (no write permission on {parent})")
-    return out
+    return check_output_folder(out)
 
 
 def finite_values(values: Sequence[float], option: str) -> list[float]:

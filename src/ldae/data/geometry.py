@@ -146,6 +146,16 @@ def check_coverage(affine: np.ndarray, shape: Sequence[int], grid: ModelGrid, so
         )
 
 
+def existing_file(path: str | Path) -> Path:
+    """``path`` as a Path; CohortError naming it when it is a folder or does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        raise CohortError(f"{path}: is a folder, not a NIfTI file")
+    if not path.is_file():
+        raise CohortError(f"{path}: file not found")
+    return path
+
+
 def header_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, tuple[int, int] | None]:
     """``(shape, affine, (qform_code, sform_code) or None)`` from a NIfTI header (no voxel data read);
     CohortError naming the file when it is missing, a folder, or unreadable."""
@@ -153,11 +163,7 @@ def header_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray, tupl
 
     from ldae.errors import describe
 
-    path = Path(path)
-    if path.is_dir():
-        raise CohortError(f"{path}: is a folder, not a NIfTI file")
-    if not path.is_file():
-        raise CohortError(f"{path}: file not found")
+    path = existing_file(path)
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)

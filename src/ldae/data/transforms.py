@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ldae.data.geometry import existing_file
 from ldae.errors import CohortError
 
 if TYPE_CHECKING:
@@ -29,11 +30,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     from ldae.errors import describe
 
-    path = Path(path)
-    if path.is_dir():
-        raise CohortError(f"{path}: is a folder, not a NIfTI file")
-    if not path.is_file():
-        raise CohortError(f"{path}: file not found")
+    path = existing_file(path)
     try:
         img = nib.load(str(path))
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported below, by file

@@ -21,7 +21,7 @@ from typing import Any
 
 from ldae.config import BASELINES, STAGES, apply_overrides, load_preset, parse_overrides
 from ldae.errors import ConfigError
-from ldae.io import write_json
+from ldae.io import check_output_folder, write_json
 from ldae.runs import COMPRESSED_CSV, stage_dir
 
 log = logging.getLogger(__name__)
@@ -162,19 +162,6 @@ def _restart(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def check_out(out: Path) -> None:
-    """ConfigError unless ``out`` is (or can be created as) a writable folder: checked before any work."""
-    import os
-
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: --out is an existing file, not a folder")
-    parent = out
-    while not parent.exists() and parent.parent != parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{out}: --out cannot be created or written ({parent} is not a writable folder)")
-
-
 def run_pipeline(
     preset: str,
     csv: str | Path,
@@ -200,7 +187,7 @@ def run_pipeline(
     unknown = [s for s in steps if s not in PIPELINE_STEPS]
     if unknown:
         raise ConfigError(f"unknown pipeline step(s): {', '.join(unknown)}")
-    check_out(out)
+    check_output_folder(out)
     if csv.is_dir():
         raise ConfigError(f"{csv}: --csv is a folder, not a cohort CSV")
     if not csv.is_file():

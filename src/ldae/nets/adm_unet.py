@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldae.errors import ConfigError
-from ldae.nets.unet import timestep_embedding
+from ldae.nets.unet import EpsNetwork, condition_width, skip_channels, timestep_embedding, zero_init
 
 Tensor = torch.Tensor
 
@@ -129,12 +129,6 @@ def _heads(channels: int, cfg: dict) -> int:
     return heads
 
 
-def _zero(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     """``(B, C)`` -> ``(B, C, 1, ..., 1)`` broadcastable against ``like``."""
     return v.reshape(*v.shape, *([1] * (like.ndim - v.ndim)))
@@ -176,7 +170,7 @@ class ADMResBlock(nn.Module):
         self.emb_z_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch)) if conditioned else None
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Dropout(dropout),
-            _zero(nn.Conv3d(out_ch, out_ch, 3, padding=1)),
+            zero_init(nn.Conv3d(out_ch, out_ch, 3, padding=1)),
         )
         self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv3d(in_ch, out_ch, 1)
 
@@ -209,7 +203,7 @@ class ADMAttention(nn.Module):
         self.legacy = bool(legacy)
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+        self.proj_out = zero_init(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
@@ -245,21 +239,10 @@ def _middle(cfg: dict, conditioned: bool) -> ADMSequential:
     )
 
 
-def _skip_channels(cfg: dict) -> list[int]:
-    """Widths of the input blocks' outputs (the skips), in the order they are produced."""
-    chans = cfg["channels"]
-    out = [chans[0]]
-    for i, c in enumerate(chans):
-        out += [c] * int(cfg["num_res_blocks"])
-        if i < len(chans) - 1:
-            out.append(c)
-    return out
-
-
 def _up_path(cfg: dict, conditioned: bool) -> nn.ModuleList:
     chans, nrb = cfg["channels"], int(cfg["num_res_blocks"])
     emb_dim, drop, groups = 4 * chans[0], float(cfg["dropout"]), int(cfg["norm_num_groups"])
-    skips, ch = _skip_channels(cfg), chans[-1]
+    skips, ch = skip_channels(cfg), chans[-1]
     blocks = nn.ModuleList()
     for level in reversed(range(len(chans))):
         for j in range(nrb + 1):
@@ -276,7 +259,7 @@ def _up_path(cfg: dict, conditioned: bool) -> nn.ModuleList:
 def _out(cfg: dict) -> nn.Sequential:
     ch = cfg["channels"][0]
     return nn.Sequential(nn.GroupNorm(int(cfg["norm_num_groups"]), ch), nn.SiLU(),
-                         _zero(nn.Conv3d(ch, int(cfg["out_channels"]), 3, padding=1)))
+                         zero_init(nn.Conv3d(ch, int(cfg["out_channels"]), 3, padding=1)))
 
 
 def _run_up(blocks: nn.ModuleList, out: nn.Module, h: Tensor, skips: Sequence[Tensor], emb: Tensor,
@@ -289,7 +272,7 @@ def _run_up(blocks: nn.ModuleList, out: nn.Module, h: Tensor, skips: Sequence[Te
     return out(h)
 
 
-class ADMUNet(nn.Module):
+class ADMUNet(EpsNetwork):
     """The official ε-UNet (``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``, ``out``)
     with :class:`ldae.nets.unet.LatentUNet`'s interface. Build it from a config section with
     :meth:`from_config` (keys :data:`CONFIG_KEYS`, defaults = the release's values)."""
@@ -343,19 +326,9 @@ class ADMUNet(nn.Module):
         """Up path + output: ε."""
         return _run_up(self.output_blocks, self.out, h, skips, emb)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """ε_θ(x, t)."""
-        return self.decode(*self.encode(x, t))
-
     def make_shift_decoder(self, cond_dim: int) -> ADMShiftDecoder:
         """A fresh shift branch for this UNet's configuration."""
         return ADMShiftDecoder(self.config, cond_dim)
-
-    def forward_with_shift(self, x: Tensor, t: Tensor, shift_decoder: ADMShiftDecoder,
-                           y_sem: Tensor) -> tuple[Tensor, Tensor]:
-        """``(ε, G)`` from one encoder pass: the official ``ShiftUNet.forward(x, t, y_sem)``."""
-        h, skips, emb = self.encode(x, t)
-        return self.decode(h, skips, emb), shift_decoder(skips, t, y_sem, emb)
 
 
 class ADMShiftDecoder(nn.Module):
@@ -366,10 +339,8 @@ class ADMShiftDecoder(nn.Module):
     def __init__(self, unet_cfg: dict, cond_dim: int) -> None:
         super().__init__()
         cfg = check_config(dict(unet_cfg))
-        if int(cond_dim) < 1:
-            raise ConfigError(f"shift decoder condition width must be >= 1, got {cond_dim}")
         self.config = cfg
-        self.cond_dim = int(cond_dim)
+        self.cond_dim = condition_width(cond_dim, "shift decoder")
         self.label_emb = nn.Linear(self.cond_dim, 4 * cfg["channels"][0])
         self.shift_middle_block = _middle(cfg, conditioned=True)
         self.shift_output_blocks = _up_path(cfg, conditioned=True)

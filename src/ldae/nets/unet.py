@@ -61,7 +61,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
-def _zero(module: nn.Module) -> nn.Module:
+def zero_init(module: nn.Module) -> nn.Module:
+    """``module`` with every parameter set to zero (output layers that start as the identity/zero map)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -91,7 +92,7 @@ class ResBlock(nn.Module):
         self.cond_proj = nn.Linear(cond_dim, out_ch) if cond_dim else None
         self.out_norm = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.out_conv = _zero(nn.Conv3d(out_ch, out_ch, 3, padding=1))
+        self.out_conv = zero_init(nn.Conv3d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -114,7 +115,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = _zero(nn.Linear(channels, channels))
+        self.proj = zero_init(nn.Linear(channels, channels))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, *spatial = x.shape
@@ -228,8 +229,9 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_embedding(t, self.base))
 
 
-def _skip_channels(cfg: dict) -> list[int]:
-    """Channels of the encoder's skip tensors, in the order they are produced."""
+def skip_channels(cfg: dict) -> list[int]:
+    """Channels of the encoder's skip tensors, in the order they are produced (input conv, then per level
+    ``num_res_blocks`` blocks and a downsampling one except at the last level)."""
     chans = cfg["channels"]
     skips = [chans[0]]
     for i, c in enumerate(chans):
@@ -254,7 +256,7 @@ class DecoderPath(nn.Module):
                 ResBlock(ch, ch, emb_dim, drop, groups, cond_dim),
             ]
         )
-        skip_chs = _skip_channels(cfg)
+        skip_chs = skip_channels(cfg)
         self.output_blocks = nn.ModuleList()
         for i in reversed(range(len(chans))):
             for j in range(nrb + 1):
@@ -266,7 +268,7 @@ class DecoderPath(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(layers))
         self.out = nn.Sequential(
-            nn.GroupNorm(groups, ch), nn.SiLU(), _zero(nn.Conv3d(ch, int(cfg["out_channels"]), 3, padding=1))
+            nn.GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv3d(ch, int(cfg["out_channels"]), 3, padding=1))
         )
 
     def up(self, h: Tensor, skips: Sequence[Tensor], emb: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -280,7 +282,38 @@ class DecoderPath(nn.Module):
         return self.out(h)
 
 
-class LatentUNet(nn.Module):
+def condition_width(cond_dim: int, what: str) -> int:
+    """``cond_dim`` as an int; ConfigError naming ``what`` unless it is >= 1."""
+    if int(cond_dim) < 1:
+        raise ConfigError(f"{what} condition width must be >= 1, got {cond_dim}")
+    return int(cond_dim)
+
+
+class EpsNetwork(nn.Module):
+    """The interface both latent UNets (:class:`LatentUNet`, the official layout's
+    :class:`ldae.nets.adm_unet.ADMUNet`) implement: ``encode(x, t) -> (h, skips, e_t)`` and
+    ``decode(h, skips, e_t) -> ε``; ε_θ and the PDAE pair (ε_θ, G_ψ) follow from them."""
+
+    config: dict
+
+    def encode(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        raise NotImplementedError
+
+    def decode(self, h: Tensor, skips: Sequence[Tensor], emb: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """ε_θ(x, t); ``t`` is a ``(B,)`` tensor of timesteps."""
+        return self.decode(*self.encode(x, t))
+
+    def forward_with_shift(self, x: Tensor, t: Tensor, shift_decoder: nn.Module,
+                           y_sem: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ε_θ(x, t), G_ψ(x, y_sem, t))`` from **one** encoder pass shared by both decoders."""
+        h, skips, emb = self.encode(x, t)
+        return self.decode(h, skips, emb), shift_decoder(skips, t, y_sem, emb)
+
+
+class LatentUNet(EpsNetwork):
     """ε-prediction UNet on latents ``(B, C, D, H, W)``; see the module docstring for the layout.
 
     Args:
@@ -358,20 +391,9 @@ class LatentUNet(nn.Module):
         """Up + out blocks: the noise prediction ε."""
         return self.decoder.up(h, skips, emb)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """ε_θ(x, t); ``t`` is a ``(B,)`` tensor of timesteps."""
-        return self.decode(*self.encode(x, t))
-
     def make_shift_decoder(self, cond_dim: int) -> ShiftDecoder:
         """A fresh :class:`ShiftDecoder` with this UNet's configuration."""
         return ShiftDecoder(self.config, cond_dim)
-
-    def forward_with_shift(
-        self, x: Tensor, t: Tensor, shift_decoder: ShiftDecoder, y_sem: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``(ε_θ(x, t), G_ψ(x, y_sem, t))`` from **one** encoder pass shared by both decoders."""
-        h, skips, emb = self.encode(x, t)
-        return self.decode(h, skips, emb), shift_decoder(skips, t, y_sem, emb)
 
 
 class ShiftDecoder(nn.Module):
@@ -387,10 +409,8 @@ class ShiftDecoder(nn.Module):
     def __init__(self, unet_cfg: dict, cond_dim: int) -> None:
         super().__init__()
         cfg = check_config(dict(unet_cfg))
-        if int(cond_dim) < 1:
-            raise ConfigError(f"shift decoder condition width must be >= 1, got {cond_dim}")
         self.config = cfg
-        self.cond_dim = int(cond_dim)
+        self.cond_dim = condition_width(cond_dim, "shift decoder")
         self.time_embed = TimeEmbedding(cfg["channels"][0])
         self.decoder = DecoderPath(cfg, cond_dim=self.cond_dim)
 

@@ -45,16 +45,9 @@ def prepare_run(cfg: dict, resume: bool = False) -> tuple[Path, Path | None]:
     A folder that already holds a ``last.ckpt`` is only reused with ``resume=True`` (never silently
     overwritten); an ``out`` that is an existing file or cannot be created is refused up front.
     """
-    import os
+    from ldae.io import check_output_folder
 
-    out = run_dir(cfg)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: --out is an existing file, not a folder")
-    parent = out
-    while not parent.exists() and parent.parent != parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{out}: --out cannot be created or written ({parent} is not a writable folder)")
+    out = check_output_folder(run_dir(cfg))
     last = out / "checkpoints" / "last.ckpt"
     if last.is_file() and not resume:
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
