@@ -40,15 +40,12 @@ from ldae.diffusion.schedule import NoiseSchedule
 from ldae.errors import ConfigError
 from ldae.nets.semantic_encoder import SemanticEncoder, build_semantic_encoder
 from ldae.nets.unet import (
-    AttentionBlock,
-    Block,
     DecoderPath,
-    Downsample,
-    ResBlock,
     TimeEmbedding,
     check_config,
     condition_width,
     count_parameters,
+    encoder_blocks,
 )
 from ldae.nets.weights import freeze
 
@@ -86,20 +83,8 @@ class ConditionalUNet(nn.Module):
         cfg = check_config(dict(unet_cfg))
         self.config = cfg
         self.cond_dim = condition_width(cond_dim, "voxel DAE")
-        chans, groups, heads = cfg["channels"], int(cfg["norm_num_groups"]), int(cfg["num_heads"])
-        emb_dim, drop = 4 * chans[0], float(cfg["dropout"])
-        self.time_embed = TimeEmbedding(chans[0])
-        self.input_blocks = nn.ModuleList([Block([nn.Conv3d(int(cfg["in_channels"]), chans[0], 3, padding=1)])])
-        ch = chans[0]
-        for i, out_ch in enumerate(chans):
-            for _ in range(int(cfg["num_res_blocks"])):
-                layers: list[nn.Module] = [ResBlock(ch, out_ch, emb_dim, drop, groups, self.cond_dim)]
-                ch = out_ch
-                if 2**i in cfg["attention_factors"]:
-                    layers.append(AttentionBlock(ch, heads, groups))
-                self.input_blocks.append(Block(layers))
-            if i < len(chans) - 1:
-                self.input_blocks.append(Block([Downsample(ch)]))
+        self.time_embed = TimeEmbedding(cfg["channels"][0])
+        self.input_blocks = encoder_blocks(cfg, self.cond_dim)
         self.decoder = DecoderPath(cfg, cond_dim=self.cond_dim)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:

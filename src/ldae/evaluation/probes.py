@@ -57,6 +57,12 @@ _ARRAY_KEYS = ("direction", "mean", "scale", "coef", "test_index", "test_score",
 
 
 # ----------------------------------------------------------------------------------------------- inputs
+def _split_sizes(fit: np.ndarray, test: np.ndarray, fit_groups: Sequence, subjects: np.ndarray) -> dict[str, int]:
+    """How many rows and subjects a probe was fitted and tested on (reported with every probe)."""
+    return {"n_train": int(fit.sum()), "n_test": int(test.sum()), "n_train_subjects": len(set(fit_groups)),
+            "n_test_subjects": len(set(subjects[test]))}
+
+
 def _check_inputs(X: Any, columns: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``X`` as a finite float64 (n, d) array and each column as a length-n array, or LDAEError."""
     X = np.asarray(X, dtype=np.float64)
@@ -324,10 +330,7 @@ def probe_ad_vs_cn(
         "mcc": float(matthews_corrcoef(yt, pred)),
         "auc": float(roc_auc_score(yt, score)),
         "auc_ci95": subject_bootstrap_ci(_boot_auc, cols["subject"][test], seed=seed),
-        "n_train": int(fit.sum()),
-        "n_test": int(test.sum()),
-        "n_train_subjects": len(set(gf)),
-        "n_test_subjects": len(set(cols["subject"][test])),
+        **_split_sizes(fit, test, gf, cols["subject"]),
         "C": best_C,
         "cv_auc": {repr(float(c)): a for c, a in zip(Cs, cv_auc)},
         "cv_auc_best": cv_auc[list(Cs).index(best_C)],
@@ -422,10 +425,7 @@ def probe_regression(
                                          seed=seed),
         "rmse": float(np.sqrt(np.mean(err**2))),
         "r2": 1.0 - float(np.sum(err**2)) / sst if sst > 0 else None,
-        "n_train": int(fit.sum()),
-        "n_test": int(test.sum()),
-        "n_train_subjects": len(set(gf)),
-        "n_test_subjects": len(set(cols["subject"][test])),
+        **_split_sizes(fit, test, gf, cols["subject"]),
         "alpha": best_alpha,
         "cv_mae": {repr(float(a)): m for a, m in zip(alphas, cv_mae)},
         "cv_mae_best": cv_mae[list(alphas).index(best_alpha)],

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ldae.errors import ConfigError
 
@@ -164,21 +163,10 @@ class OfficialSemanticEncoder(nn.Module):
         self.layer_norm_after_attention = nn.LayerNorm(self.emb_dim)
 
     def slice_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features of every axial slice ``x[..., k]``, ``(B, S, emb_dim)``."""
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"the semantic encoder expects (B, 1, X, Y, Z) volumes, got shape {tuple(x.shape)}")
-        b, _, d, h, s = x.shape
-        if s != self.num_slices:
-            raise ConfigError(
-                f"semantic encoder: volumes have {s} axial slices (last axis of shape {tuple(x.shape[2:])}) "
-                f"but num_slices is {self.num_slices}; set model.semantic_encoder.num_slices to {s}"
-            )
-        slices = x.permute(0, 4, 1, 2, 3).reshape(b * s, 1, d, h)
-        chunk = self.slice_chunk if self.slice_chunk > 0 else slices.shape[0]
-        use_ckpt = self.checkpoint_slices and self.training and torch.is_grad_enabled()
-        outs = [checkpoint(self.backbone, part, use_reentrant=False) if use_ckpt else self.backbone(part)
-                for part in torch.split(slices, chunk)]
-        return torch.cat(outs).reshape(b, s, -1)
+        """Backbone features of every axial slice ``x[..., k]``, ``(B, S, emb_dim)`` (no input scaling)."""
+        from ldae.nets.semantic_encoder import axial_slice_features
+
+        return axial_slice_features(self, x)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
         """``y_sem``; with ``return_attention`` also the soft-attention and cross-attention weights."""
@@ -198,27 +186,10 @@ class OfficialSemanticEncoder(nn.Module):
 def build_official_encoder(cfg: Mapping[str, Any], load_pretrained: bool = True,
                            key: str = "model.semantic_encoder") -> OfficialSemanticEncoder:
     """Build the official encoder from a ``semantic_encoder`` section (``architecture: official``)."""
-    from ldae.nets.semantic_encoder import _check_bool, _check_float, _check_int
+    from ldae.nets.semantic_encoder import _check_bool, _check_float, _check_int, encoder_section
 
-    unknown = sorted(set(cfg) - set(REQUIRED_KEYS) - set(OPTIONAL_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"{key}: unknown key {unknown[0]!r} for architecture {ARCHITECTURE!r}; known keys: "
-                          f"{', '.join(REQUIRED_KEYS + tuple(OPTIONAL_DEFAULTS))}")
-    missing = [k for k in REQUIRED_KEYS if k not in cfg]
-    if missing:
-        raise ConfigError(f"{key}: missing required key {missing[0]!r}")
-    c = {**OPTIONAL_DEFAULTS, **cfg}
-    if c["backbone"] not in BACKBONES:
-        raise ConfigError(f"{key}.backbone: unknown backbone {c['backbone']!r}; choose one of {', '.join(BACKBONES)}")
-    emb_dim, heads = _check_int(c, "emb_dim", key, 1), _check_int(c, "num_heads", key, 1)
-    if emb_dim % heads:
-        raise ConfigError(f"{key}.num_heads: {heads} does not divide emb_dim {emb_dim}")
-    widths = c["widths"]
-    if (not isinstance(widths, (list, tuple)) or not widths
-            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
-        raise ConfigError(f"{key}.widths: expected a non-empty list of positive integers, got {widths!r}")
-    if c["pretrained_weights"] is not None and not isinstance(c["pretrained_weights"], (str, Path)):
-        raise ConfigError(f"{key}.pretrained_weights: expected a file path or null, got {c['pretrained_weights']!r}")
+    c = encoder_section(cfg, key, REQUIRED_KEYS, OPTIONAL_DEFAULTS, BACKBONES, ARCHITECTURE)
+    emb_dim, heads, widths = c["emb_dim"], c["num_heads"], c["widths"]
     backbone = make_official_backbone(
         c["backbone"], widths, c["pretrained_weights"] if load_pretrained else None,
         _check_float(c, "drop_path", key, 0.0, 1.0), key,

@@ -33,7 +33,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -238,6 +238,30 @@ def make_backbone(
     return ConvNeXtFeatures(model)
 
 
+def axial_slice_features(encoder: nn.Module, x: torch.Tensor,
+                         prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The 2.5D step both semantic encoders share: every axial slice ``x[..., k]`` of ``(B, 1, X, Y, S)``
+    volumes through ``encoder.backbone`` as a 2D image, ``encoder.slice_chunk`` slices at a time (all at
+    once when 0), with activation checkpointing per chunk when ``encoder.checkpoint_slices`` and training
+    with gradients; returns ``(B, S, features)``. ConfigError when S is not ``encoder.num_slices``."""
+    if x.ndim != 5 or x.shape[1] != 1:
+        raise ValueError(f"the semantic encoder expects (B, 1, X, Y, Z) volumes, got shape {tuple(x.shape)}")
+    b, _, d, h, s = x.shape
+    if s != encoder.num_slices:
+        raise ConfigError(
+            f"semantic encoder: volumes have {s} axial slices (last axis of shape {tuple(x.shape[2:])}) "
+            f"but num_slices is {encoder.num_slices}; set model.semantic_encoder.num_slices to {s}"
+        )
+    slices = x.permute(0, 4, 1, 2, 3).reshape(b * s, 1, d, h)
+    if prepare is not None:
+        slices = prepare(slices)
+    chunk = encoder.slice_chunk if encoder.slice_chunk > 0 else slices.shape[0]
+    use_ckpt = encoder.checkpoint_slices and encoder.training and torch.is_grad_enabled()
+    outs = [checkpoint(encoder.backbone, part, use_reentrant=False) if use_ckpt else encoder.backbone(part)
+            for part in torch.split(slices, chunk)]
+    return torch.cat(outs).reshape(b, s, -1)
+
+
 class SemanticEncoder(nn.Module):
     """Volume ``(B, 1, D, H, W)`` in [0, 1] -> semantic code ``y_sem`` of shape ``(B, emb_dim)``.
 
@@ -283,23 +307,9 @@ class SemanticEncoder(nn.Module):
         self.out_norm = CodeNorm(emb_dim) if output_norm else nn.Identity()
 
     def slice_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features of every axial slice, ``(B, S, feat_dim)``, computed ``slice_chunk`` at a time."""
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"SemanticEncoder expects (B, 1, D, H, W) volumes, got shape {tuple(x.shape)}")
-        b, _, d, h, s = x.shape
-        if s != self.num_slices:
-            raise ConfigError(
-                f"semantic encoder: volumes have {s} axial slices (last axis of shape {tuple(x.shape[2:])}) "
-                f"but num_slices is {self.num_slices}; set model.semantic_encoder.num_slices to {s}"
-            )
-        slices = x.permute(0, 4, 1, 2, 3).reshape(b * s, 1, d, h)
-        slices = (slices - self.input_mean) / self.input_std
-        chunk = self.slice_chunk if self.slice_chunk > 0 else slices.shape[0]
-        use_ckpt = self.checkpoint_slices and self.training and torch.is_grad_enabled()
-        outs = []
-        for part in torch.split(slices, chunk):
-            outs.append(checkpoint(self.backbone, part, use_reentrant=False) if use_ckpt else self.backbone(part))
-        return torch.cat(outs).reshape(b, s, -1)
+        """Backbone features of every axial slice, ``(B, S, feat_dim)``, computed ``slice_chunk`` at a time
+        on slices standardised by ``(input_mean, input_std)``."""
+        return axial_slice_features(self, x, lambda s: (s - self.input_mean) / self.input_std)
 
     def slice_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """Slice embeddings with positional information, ``(B, S, emb_dim)``."""
@@ -344,6 +354,34 @@ def _check_float(cfg: Mapping[str, Any], name: str, key: str, low: float, high: 
     return float(value)
 
 
+def encoder_section(cfg: Mapping[str, Any], key: str, required: Sequence[str], defaults: Mapping[str, Any],
+                    backbones: Sequence[str], architecture: str | None = None) -> dict[str, Any]:
+    """A ``semantic_encoder`` section with its defaults filled in; ConfigError naming ``key`` and the first
+    unknown key (with the known ones), the first missing required key, an unknown backbone, or a bad
+    ``emb_dim`` / ``num_heads`` (must divide it) / ``widths`` / ``pretrained_weights``."""
+    unknown = sorted(set(cfg) - set(required) - set(defaults))
+    if unknown:
+        arch = f" for architecture {architecture!r}" if architecture else ""
+        raise ConfigError(f"{key}: unknown key {unknown[0]!r}{arch}; known keys: "
+                          f"{', '.join((*required, *defaults))}")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ConfigError(f"{key}: missing required key {missing[0]!r}")
+    c = {**defaults, **cfg}
+    if c["backbone"] not in backbones:
+        raise ConfigError(f"{key}.backbone: unknown backbone {c['backbone']!r}; choose one of {', '.join(backbones)}")
+    emb_dim, heads = _check_int(c, "emb_dim", key, 1), _check_int(c, "num_heads", key, 1)
+    if emb_dim % heads:
+        raise ConfigError(f"{key}.num_heads: {heads} does not divide emb_dim {emb_dim}")
+    widths = c["widths"]
+    if (not isinstance(widths, (list, tuple)) or not widths
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
+        raise ConfigError(f"{key}.widths: expected a non-empty list of positive integers, got {widths!r}")
+    if c["pretrained_weights"] is not None and not isinstance(c["pretrained_weights"], (str, Path)):
+        raise ConfigError(f"{key}.pretrained_weights: expected a file path or null, got {c['pretrained_weights']!r}")
+    return c
+
+
 def build_semantic_encoder(
     cfg: Mapping[str, Any], load_pretrained: bool = True, key: str = "model.semantic_encoder"
 ) -> SemanticEncoder:
@@ -367,26 +405,8 @@ def build_semantic_encoder(
     if architecture != "ldae":
         raise ConfigError(f"{key}.architecture: expected 'ldae' or 'official', got {architecture!r}")
     cfg = {k: v for k, v in cfg.items() if k != "architecture"}
-    unknown = sorted(set(cfg) - set(REQUIRED_KEYS) - set(OPTIONAL_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"{key}: unknown key {unknown[0]!r}; known keys: "
-                          f"{', '.join(REQUIRED_KEYS + tuple(OPTIONAL_DEFAULTS))}")
-    missing = [k for k in REQUIRED_KEYS if k not in cfg]
-    if missing:
-        raise ConfigError(f"{key}: missing required key {missing[0]!r}")
-    c = {**OPTIONAL_DEFAULTS, **cfg}
-    if c["backbone"] not in BACKBONES:
-        raise ConfigError(f"{key}.backbone: unknown backbone {c['backbone']!r}; choose one of {', '.join(BACKBONES)}")
-    emb_dim = _check_int(c, "emb_dim", key, 1)
-    heads = _check_int(c, "num_heads", key, 1)
-    if emb_dim % heads:
-        raise ConfigError(f"{key}.num_heads: {heads} does not divide emb_dim {emb_dim}")
-    widths = c["widths"]
-    if (not isinstance(widths, (list, tuple)) or not widths
-            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
-        raise ConfigError(f"{key}.widths: expected a non-empty list of positive integers, got {widths!r}")
-    if c["pretrained_weights"] is not None and not isinstance(c["pretrained_weights"], (str, Path)):
-        raise ConfigError(f"{key}.pretrained_weights: expected a file path or null, got {c['pretrained_weights']!r}")
+    c = encoder_section(cfg, key, REQUIRED_KEYS, OPTIONAL_DEFAULTS, BACKBONES)
+    emb_dim, heads, widths = c["emb_dim"], c["num_heads"], c["widths"]
     if _check_float(c, "input_std", key, 0.0, None) == 0.0:
         raise ConfigError(f"{key}.input_std: must be > 0")
     weights = c["pretrained_weights"] if load_pretrained else None

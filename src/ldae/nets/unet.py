@@ -241,6 +241,26 @@ def skip_channels(cfg: dict) -> list[int]:
     return skips
 
 
+def encoder_blocks(cfg: dict, cond_dim: int | None = None) -> nn.ModuleList:
+    """Input conv, then per level ``num_res_blocks`` residual blocks (self-attention after each at the
+    ``attention_factors`` levels) and a downsampling block except at the last level; the residual blocks
+    are conditioned on a ``cond_dim``-wide vector when given (the voxel DAE's encoder)."""
+    chans, groups, heads = cfg["channels"], int(cfg["norm_num_groups"]), int(cfg["num_heads"])
+    emb_dim, drop = 4 * chans[0], float(cfg["dropout"])
+    blocks = nn.ModuleList([Block([nn.Conv3d(int(cfg["in_channels"]), chans[0], 3, padding=1)])])
+    ch = chans[0]
+    for i, out_ch in enumerate(chans):
+        for _ in range(int(cfg["num_res_blocks"])):
+            layers: list[nn.Module] = [ResBlock(ch, out_ch, emb_dim, drop, groups, cond_dim)]
+            ch = out_ch
+            if 2**i in cfg["attention_factors"]:
+                layers.append(AttentionBlock(ch, heads, groups))
+            blocks.append(Block(layers))
+        if i < len(chans) - 1:
+            blocks.append(Block([Downsample(ch)]))
+    return blocks
+
+
 class DecoderPath(nn.Module):
     """Middle + up + out blocks of the UNet configuration ``cfg`` (optionally conditioned on y)."""
 
@@ -352,20 +372,8 @@ class LatentUNet(EpsNetwork):
             }
         )
         self.config = cfg
-        chans, groups, heads = cfg["channels"], int(norm_num_groups), int(num_heads)
-        emb_dim = 4 * chans[0]
-        self.time_embed = TimeEmbedding(chans[0])
-        self.input_blocks = nn.ModuleList([Block([nn.Conv3d(int(in_channels), chans[0], 3, padding=1)])])
-        ch = chans[0]
-        for i, out_ch in enumerate(chans):
-            for _ in range(int(num_res_blocks)):
-                layers: list[nn.Module] = [ResBlock(ch, out_ch, emb_dim, float(dropout), groups)]
-                ch = out_ch
-                if 2**i in cfg["attention_factors"]:
-                    layers.append(AttentionBlock(ch, heads, groups))
-                self.input_blocks.append(Block(layers))
-            if i < len(chans) - 1:
-                self.input_blocks.append(Block([Downsample(ch)]))
+        self.time_embed = TimeEmbedding(cfg["channels"][0])
+        self.input_blocks = encoder_blocks(cfg)
         self.decoder = DecoderPath(cfg)
 
     @classmethod
