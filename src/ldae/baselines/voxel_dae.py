@@ -46,6 +46,7 @@ from ldae.nets.unet import (
     condition_width,
     count_parameters,
     encoder_blocks,
+    run_encoder,
 )
 from ldae.nets.weights import freeze
 
@@ -90,11 +91,7 @@ class ConditionalUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Noise prediction for ``x`` ``(B, C, D, H, W)``, timesteps ``t`` ``(B,)`` and condition ``y`` ``(B, cond_dim)``."""
         emb = self.time_embed(t)
-        skips: list[Tensor] = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb, y)
-            skips.append(h)
+        h, skips = run_encoder(self.input_blocks, x, emb, y)
         h = self.decoder.middle(h, emb, y)
         return self.decoder.up(h, skips, emb, y)
 

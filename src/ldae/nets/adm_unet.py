@@ -47,7 +47,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldae.errors import ConfigError
-from ldae.nets.unet import EpsNetwork, condition_width, skip_channels, timestep_embedding, zero_init
+from ldae.nets.unet import (
+    EpsNetwork,
+    condition_width,
+    run_encoder,
+    skip_channels,
+    timestep_embedding,
+    zero_init,
+)
 
 Tensor = torch.Tensor
 
@@ -315,11 +322,7 @@ class ADMUNet(EpsNetwork):
             raise ValueError(f"the official UNet halves the last two axes {self.levels - 1} times: latent shape "
                              f"{tuple(x.shape[1:])} needs them divisible by {factor}")
         emb = self.time_embedding(t)
-        skips: list[Tensor] = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
+        h, skips = run_encoder(self.input_blocks, x, emb)
         return self.middle_block(h, emb), skips, emb
 
     def decode(self, h: Tensor, skips: Sequence[Tensor], emb: Tensor) -> Tensor:

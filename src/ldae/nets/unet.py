@@ -241,6 +241,17 @@ def skip_channels(cfg: dict) -> list[int]:
     return skips
 
 
+def run_encoder(blocks: Sequence[nn.Module], x: Tensor, *args: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    """Apply the input ``blocks`` in order (each called as ``block(h, *args)``: the time embedding, and a
+    condition where the blocks take one); return the last output and every block's output (the skips)."""
+    skips: list[Tensor] = []
+    h = x
+    for block in blocks:
+        h = block(h, *args)
+        skips.append(h)
+    return h, skips
+
+
 def encoder_blocks(cfg: dict, cond_dim: int | None = None) -> nn.ModuleList:
     """Input conv, then per level ``num_res_blocks`` residual blocks (self-attention after each at the
     ``attention_factors`` levels) and a downsampling block except at the last level; the residual blocks
@@ -387,13 +398,8 @@ class LatentUNet(EpsNetwork):
 
         ``skips[-1]`` is the middle block's input (what a :class:`ShiftDecoder` starts from)."""
         emb = self.time_embed(t)
-        skips: list[Tensor] = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.decoder.middle(h, emb)
-        return h, skips, emb
+        h, skips = run_encoder(self.input_blocks, x, emb)
+        return self.decoder.middle(h, emb), skips, emb
 
     def decode(self, h: Tensor, skips: Sequence[Tensor], emb: Tensor) -> Tensor:
         """Up + out blocks: the noise prediction ε."""
