@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldae.io import atomic_path, write_json, write_nifti, write_npz
+from ldae.errors import ConfigError
+from ldae.io import atomic_path, check_output_folder, write_json, write_nifti, write_npz
 
 
 def test_atomic_path_success_and_failure(tmp_path: Path):
@@ -48,3 +49,29 @@ def test_write_json_is_strict_json(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: math.nan) == {"a": None, "b": [1.5, None], "c": [0, 1],
                                                                   "d": {"e": None, "f": str(tmp_path)}}
+
+
+def test_check_output_folder_refuses_files_and_creates_nothing(tmp_path: Path):
+    deep = tmp_path / "a" / "b" / "out"
+    assert check_output_folder(deep) == deep
+    assert not (tmp_path / "a").exists()  # checked, not created
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"file\.txt: --out is an existing file, not a folder"):
+        check_output_folder(tmp_path / "file.txt")
+    with pytest.raises(ConfigError, match=r"--out cannot be created \(.*file\.txt is a file\)"):
+        check_output_folder(tmp_path / "file.txt" / "sub")
+
+
+def test_check_output_folder_refuses_a_read_only_parent(tmp_path: Path):
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: nothing to check
+            pytest.skip("running as root")
+        with pytest.raises(ConfigError, match=r"--out is not writable \(no write permission on .*ro\)"):
+            check_output_folder(ro / "new")
+    finally:
+        ro.chmod(0o700)
