@@ -163,13 +163,16 @@ def test_cohort_gap_without_ground_truth_uses_the_first_alpha_volumes() -> None:
 
 
 class _StubScans:
-    """What the sections read of a ScanCache: ``get`` and ``affine`` by row label."""
+    """What the sections read of a ScanCache: ``get``, ``batch`` and ``affine`` by row label."""
 
     def __init__(self, volumes: dict[int, torch.Tensor]) -> None:
         self.volumes = volumes
 
     def get(self, i: int) -> torch.Tensor:
         return self.volumes[i]
+
+    def batch(self, rows: list[int]) -> torch.Tensor:
+        return torch.cat([self.volumes[i] for i in rows])
 
     def affine(self, i: int) -> np.ndarray:
         return np.diag([6.0, 6.0, 6.0, 1.0])
@@ -235,7 +238,7 @@ class _LinearModel:
         return z.clone()
 
     def encode(self, x: torch.Tensor, steps: int, semantic: bool = True):
-        return x.mean().reshape(1, 1), x.clone()
+        return x.flatten(1).mean(1, keepdim=True), x.clone()  # per scan of the batch
 
     def decode(self, y, z: torch.Tensor, steps: int) -> torch.Tensor:
         return z.clone()
@@ -265,3 +268,6 @@ def test_interpolation_section_scores_every_baseline_against_the_true_scan() -> 
     assert comparison["nearest_visit", "latent_lerp", "mse"]["winner"] == "latent_lerp"
     assert comparison["nearest_visit", "ldae_nearest_visit", "mse"]["winner"] is None
     assert section.comparison_json()["reference"].startswith("input scan")
+    # batching the inversions and decodings changes nothing: one scan at a time gives the same table
+    one = interpolation_section(_LinearModel(), _StubScans(vols), df, steps=2, max_triplets=None, batch_size=1)
+    pd.testing.assert_frame_equal(one.scores, section.scores)

@@ -136,7 +136,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     # ---- interpolation / missing timepoints
     t0 = time.perf_counter()
     icfg = cfg["interpolation"]
-    interp = interpolation_section(model, scans, df, int(icfg["steps"]), icfg.get("max_triplets"), seed)
+    interp = interpolation_section(model, scans, df, int(icfg["steps"]), icfg.get("max_triplets"), seed, bs)
     if not interp.scores.empty:
         write_csv(out / "interpolation_triplets.csv", interp.scores)
         plot_triplet_scores(out / "interpolation.png", interp.summary)

@@ -42,8 +42,12 @@ REFERENCE = "input scan of the missing (target) visit"
 
 
 def interpolation_section(model: Any, scans: ScanCache, df: pd.DataFrame, steps: int,
-                          max_triplets: int | None, seed: int = 0) -> InterpolationSection:
-    """Scores of every method on every (sampled) triplet, their summary and the paired comparisons."""
+                          max_triplets: int | None, seed: int = 0, batch_size: int = 8) -> InterpolationSection:
+    """Scores of every method on every (sampled) triplet, their summary and the paired comparisons.
+
+    Only the start and end visits are DDIM-inverted (each once, however many triplets share it); targets
+    are only compressed. Inversions and decodings run ``batch_size`` scans at a time (DDIM acts on each
+    scan independently, so batching changes nothing but the speed)."""
     from ldae.diffusion.interpolation import lerp, slerp
     from ldae.evaluation.longitudinal import (
         compare_methods,
@@ -60,31 +64,36 @@ def interpolation_section(model: Any, scans: ScanCache, df: pd.DataFrame, steps:
         return InterpolationSection({m: {"ssim": None, "mse": None, "n_triplets": 0} for m in METHODS}, triplets,
                                     [], REFERENCE, dict(METHODS))
     needed = sorted(set(triplets[["start_index", "target_index", "end_index"]].to_numpy().ravel().tolist()))
-    enc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    ends = sorted(set(triplets[["start_index", "end_index"]].to_numpy().ravel().tolist()))
+    rows = list(triplets.itertuples(index=False))
+    nearest = [int(tr.start_index) if bool(nearest_visit_is_start(float(tr.t))) else int(tr.end_index) for tr in rows]
     latent: dict[int, torch.Tensor] = {}
-    for i in progress(needed, f"encoding visits ({steps} steps)"):
-        x = scans.get(i)
-        with torch.no_grad():
-            enc[i] = model.encode(x, steps)
-            latent[i] = model.compress(x)
+    enc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     ldae_recon: dict[int, torch.Tensor] = {}  # LDAE reconstructions of the visits that are someone's nearest
-
-    def reconstructed(i: int) -> torch.Tensor:
-        if i not in ldae_recon:
-            with torch.no_grad():
-                ldae_recon[i] = model.decode(*enc[i], steps)
-        return ldae_recon[i]
+    with torch.no_grad():
+        for i in needed:
+            latent[i] = model.compress(scans.get(i))
+        for chunk in progress(_chunks(ends, batch_size), f"encoding start/end visits ({steps} steps)"):
+            y, z = model.encode(scans.batch(chunk), steps)
+            enc.update({i: (y[j : j + 1], z[j : j + 1]) for j, i in enumerate(chunk)})
+        for chunk in _chunks(sorted(set(nearest)), batch_size):
+            rec = model.decode(torch.cat([enc[i][0] for i in chunk]), torch.cat([enc[i][1] for i in chunk]), steps)
+            ldae_recon.update({i: rec[j : j + 1] for j, i in enumerate(chunk)})
+        predicted: list[torch.Tensor] = []
+        for chunk in progress(_chunks(rows, batch_size), "predicting missing visits"):
+            ys = [lerp(enc[int(tr.start_index)][0], enc[int(tr.end_index)][0], float(tr.t)) for tr in chunk]
+            zs = [slerp(enc[int(tr.start_index)][1], enc[int(tr.end_index)][1], float(tr.t)) for tr in chunk]
+            out = model.decode(torch.cat(ys), torch.cat(zs), steps)
+            predicted += [out[j : j + 1] for j in range(len(chunk))]
 
     records = []
-    for tr in progress(list(triplets.itertuples(index=False)), "predicting missing visits"):
+    for tr, near, ldae_pred in zip(rows, nearest, predicted):
         s, g, e, t = int(tr.start_index), int(tr.target_index), int(tr.end_index), float(tr.t)
-        nearest = s if bool(nearest_visit_is_start(t)) else e
-        (ys, zs), (ye, ze) = enc[s], enc[e]
         with torch.no_grad():
             preds = {
-                "ldae": model.decode(lerp(ys, ye, t), slerp(zs, ze, t), steps),
-                "nearest_visit": scans.get(nearest),
-                "ldae_nearest_visit": reconstructed(nearest),
+                "ldae": ldae_pred,
+                "nearest_visit": scans.get(near),
+                "ldae_nearest_visit": ldae_recon[near],
                 "latent_lerp": model.decompress(lerp(latent[s], latent[e], t)),
                 "autoencoder_target": model.decompress(latent[g]),
             }
@@ -95,3 +104,9 @@ def interpolation_section(model: Any, scans: ScanCache, df: pd.DataFrame, steps:
     table = pd.DataFrame.from_records(records)
     return InterpolationSection(summarize_triplet_scores(table, metrics=list(COMPARED)), table,
                                 compare_methods(table, list(METHODS), COMPARED, seed=seed), REFERENCE, dict(METHODS))
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    """``items`` in consecutive pieces of at most ``size`` (at least 1)."""
+    size = max(int(size), 1)
+    return [items[i : i + size] for i in range(0, len(items), size)]
