@@ -1,5 +1,6 @@
-"""Output paths: the output-folder check, and atomic file output: every file the project writes goes to a temporary name in the same folder and is
-renamed into place, so an interrupted run never leaves a half-written file under the final name."""
+"""Output paths: the output-folder check made before any work, and atomic file output: every file the
+project writes goes to a temporary name in the same folder and is renamed into place, so an interrupted run
+never leaves a half-written file under the final name."""
 
 from __future__ import annotations
 

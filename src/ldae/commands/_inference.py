@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ldae.io import nifti_stem
+from ldae.io import check_output_folder, nifti_stem
 
 
 def add_common(p: argparse.ArgumentParser, scans: str = "+") -> None:
@@ -68,7 +68,7 @@ def load(args: argparse.Namespace):
 
     if args.steps is not None and args.steps < 1:
         raise LDAEError(f"--steps must be a positive number of DDIM steps, got {args.steps}")
-    check_out_dir(args.out)
+    check_output_folder(args.out)  # before any computation; nothing is created
     scans = scan_list(args)
     for _, path in scans:  # exists, not a folder, a readable 3D NIfTI: before the (slow) model load
         header_geometry(path)
@@ -87,13 +87,6 @@ def load(args: argparse.Namespace):
             yield name, vol, affine
 
     return model, items(), workers
-
-
-def check_out_dir(out: str | Path) -> Path:
-    """ConfigError, before any computation, unless ``out`` can be the output folder (nothing is created)."""
-    from ldae.io import check_output_folder
-
-    return check_output_folder(out)
 
 
 def finite_values(values: Sequence[float], option: str) -> list[float]:
