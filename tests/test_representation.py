@@ -147,3 +147,19 @@ def test_bad_repeats_named_before_anything_is_read(bad) -> None:
     cfg["loss"]["repeats"] = bad
     with pytest.raises(ConfigError, match=r"loss.repeats': expected an integer >= 1, got " + repr(bad).replace(".", r"\.")):
         fit(cfg)
+
+
+def test_ema_encoder_codes_are_standardised_on_the_training_split(tiny_run: Path):
+    """The saved (EMA) encoder's CodeNorm statistics are those of its own codes on the training split
+    (calibrated at validation), not buffers copied from the trained encoder: y_sem of the training scans
+    (ysem_stats.json) has mean 0 and population std sqrt((n-1)/n · var/(var + eps)) per dimension."""
+    import json
+
+    ckpt = stage_dir(tiny_run, "representation") / "checkpoints" / "best.ckpt"
+    stats = json.loads((ckpt.parent / "ysem_stats.json").read_text())
+    n, mean, std = stats["n"], torch.tensor(stats["mean"]), torch.tensor(stats["std"], dtype=torch.float64)
+    var = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"][
+        "ema_encoder.module.out_norm.running_var"].double()
+    assert n >= 10
+    assert mean.abs().max() < 1e-3
+    torch.testing.assert_close(std, torch.sqrt((n - 1) / n * var / (var + 1e-5)), atol=1e-4, rtol=1e-3)

@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from ldae.errors import CheckpointError, ConfigError
-from ldae.nets.semantic_encoder import EncoderAttention, SemanticEncoder, build_semantic_encoder
+from ldae.nets.semantic_encoder import (
+    EncoderAttention,
+    SemanticEncoder,
+    build_semantic_encoder,
+    calibrate_code_norm,
+)
 
 TINY = {"backbone": "small_cnn", "emb_dim": 32, "num_heads": 4, "num_slices": 8, "widths": [8, 16]}
 
@@ -103,6 +108,50 @@ def test_output_norm_standardises_each_dimension_over_the_batch_then_uses_runnin
     torch.testing.assert_close(out, (ref - ref.mean(0)) / torch.sqrt(ref.var(0, unbiased=False) + 1e-5), atol=1e-4, rtol=1e-4)
     with pytest.raises(ConfigError, match="output_norm: expected true or false"):
         tiny_encoder(output_norm="yes")
+
+
+def test_calibrate_code_norm_sets_the_exact_statistics_of_the_pre_norm_codes() -> None:
+    """Brute force: the running mean/variance after calibration are those of all pre-norm codes at once
+    (batches of unequal size merged), and the calibrated encoder's eval codes are standardised."""
+    plain, normed = tiny_encoder().eval(), tiny_encoder(output_norm=True).eval()  # same weights up to the norm
+    batches = [volume(3, seed=1), volume(5, seed=2), volume(1, seed=3)]
+    with torch.no_grad():
+        pre = torch.cat([plain(x) for x in batches]).double()
+        assert calibrate_code_norm(normed, iter(batches)) == 9
+        y = torch.cat([normed(x) for x in batches]).double()
+    assert not normed.training
+    torch.testing.assert_close(normed.out_norm.running_mean.double(), pre.mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(normed.out_norm.running_var.double(), pre.var(0, unbiased=True), atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(y.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-5, rtol=0)
+    var = pre.var(0, unbiased=True)
+    torch.testing.assert_close(y.std(0, unbiased=True), torch.sqrt(var / (var + normed.out_norm.eps)), atol=1e-5, rtol=1e-4)
+
+    def never():  # an encoder without CodeNorm runs nothing
+        raise AssertionError("iterated")
+        yield
+
+    assert calibrate_code_norm(plain, never()) == 0
+
+
+def test_ema_encoder_codes_are_off_until_calibrated() -> None:
+    """The failure the calibration removes: an EMA copy takes the trained encoder's norm buffers, which
+    describe the trained weights' codes, not its own; after calibration its codes are standardised."""
+    from ldae.training.ema import EMA
+
+    enc = tiny_encoder(output_norm=True).train()
+    ema = EMA(enc, decay=0.99)  # the tiny preset's decay; BatchNorm's running statistics follow with momentum 0.1
+    for step in range(20):  # training drifts the weights (here: the projection's bias) faster than the EMA follows
+        with torch.no_grad():
+            enc.proj.bias += 0.5
+            enc(volume(4, seed=10 + step))  # train mode: the running statistics follow the trained weights
+        ema.update(enc)
+    xs = [volume(8, seed=100), volume(8, seed=101)]
+    with torch.no_grad():
+        before = torch.cat([ema.module(x) for x in xs])
+        calibrate_code_norm(ema.module, xs)
+        after = torch.cat([ema.module(x) for x in xs])
+    assert before.mean(0).abs().mean() > 1.0  # copied statistics: codes far off zero mean
+    assert after.mean(0).abs().max() < 1e-4
 
 
 def test_attention_weights_are_distributions() -> None:

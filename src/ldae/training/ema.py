@@ -18,7 +18,7 @@ from torch import nn
 
 from ldae.nets.weights import freeze, is_frozen
 
-__all__ = ["EMA", "EMAStepMixin", "FrozenEvalMixin", "adam_from_config", "freeze", "keep_frozen_eval"]
+__all__ = ["EMA", "EMACodeNorm", "EMAStepMixin", "FrozenEvalMixin", "adam_from_config", "freeze", "keep_frozen_eval"]
 
 
 def keep_frozen_eval(root: nn.Module) -> None:
@@ -47,7 +47,9 @@ class EMA(nn.Module):
             the random initial weights (off for the paper preset).
 
     Buffers (e.g. norm statistics) are copied, not averaged. The shadow module is frozen and always in
-    eval mode; use :attr:`module` for inference or :meth:`copy_to` to load it into another model.
+    eval mode; use :attr:`module` for inference or :meth:`copy_to` to load it into another model. Copied
+    running statistics describe the *trained* weights' activations: a shadow encoder with a CodeNorm needs
+    :class:`EMACodeNorm` before it is used.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False) -> None:
@@ -107,3 +109,44 @@ class EMAStepMixin:
         super().optimizer_step(*args, **kwargs)  # type: ignore[misc]
         for ema, net in self.ema_pairs():
             ema.update(net)
+
+
+class EMACodeNorm:
+    """Keeps the CodeNorm statistics of an EMA-averaged semantic encoder true to that encoder's own codes.
+
+    :meth:`EMA.update` copies the trained encoder's running statistics into the shadow copy, whose averaged
+    weights give other codes (see :func:`ldae.nets.semantic_encoder.calibrate_code_norm` for what that did
+    to the demo). :meth:`calibrate` recomputes them on the training split, once per optimiser step at most;
+    the owning LightningModule calls it before validation (``best.ckpt`` is written after a validation) and
+    :meth:`on_save_checkpoint` at the last epoch (``last.ckpt``; the per-epoch resume points in between
+    keep copied statistics, calibrated again at the next validation). Every process runs the whole
+    split (no sampler), so all get the same statistics.
+
+    Args:
+        state_prefix: the shadow encoder's prefix in the module's ``state_dict`` (e.g. ``ema_encoder.module.``).
+    """
+
+    def __init__(self, state_prefix: str) -> None:
+        self.state_prefix = state_prefix
+        self._step = -1  # global step of the last calibration
+
+    def calibrate(self, lm: Any, encoder: nn.Module) -> None:
+        """Calibrate ``encoder`` (the shadow copy) on ``lm.trainer.datamodule``'s training split."""
+        from ldae.nets.semantic_encoder import calibrate_code_norm, code_norms
+
+        if self._step == lm.global_step or not code_norms(encoder):
+            return
+        dm = lm.trainer.datamodule
+        calibrate_code_norm(encoder, (b["image"].to(lm.device) for b in dm.loader("train", False, dm.eval_batch_size)))
+        self._step = lm.global_step
+
+    def on_save_checkpoint(self, lm: Any, encoder: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """At the last epoch, calibrate if the statistics are stale and write them into ``checkpoint``."""
+        max_epochs = int(lm.trainer.max_epochs or 0)
+        if self._step == lm.global_step or (max_epochs > 0 and lm.current_epoch + 1 < max_epochs):
+            return
+        self.calibrate(lm, encoder)
+        state = checkpoint.get("state_dict", {})
+        for name, buf in encoder.named_buffers():
+            if self.state_prefix + name in state:
+                state[self.state_prefix + name] = buf.detach().clone()

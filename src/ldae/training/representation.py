@@ -52,7 +52,7 @@ from ldae.training.common import (
     resolve_precision,
     train,
 )
-from ldae.training.ema import EMA, EMAStepMixin, adam_from_config
+from ldae.training.ema import EMA, EMACodeNorm, EMAStepMixin, adam_from_config
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
         self.out = Path(cfg["out"])
         self._autoencoder: list = []
         self._val: dict[str, list[torch.Tensor]] = {}
+        self.code_norm = EMACodeNorm("ema_encoder.module.")  # the EMA encoder's CodeNorm statistics
         use_fast_conv3d(self)  # the gradient estimator's 3D weight gradients on CPUs without AVX-512 (issue 19)
 
     @property
@@ -128,6 +129,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
         return self._autoencoder[0]
 
     def on_validation_epoch_start(self) -> None:
+        self.code_norm.calibrate(self, self.ema_encoder.module)  # validation and best.ckpt use the EMA encoder
         self._val = {"loss": [], "ssim_semantic": [], "ssim_encoded": []}
 
     @torch.no_grad()
@@ -169,6 +171,7 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.code_norm.on_save_checkpoint(self, self.ema_encoder.module, checkpoint)
         where = checkpoint_dir(self.cfg)
         upstream = {"diffusion": UpstreamRef.to(self.diffusion_checkpoint, where, self.diffusion_fingerprint)}
         if self.autoencoder_checkpoint:

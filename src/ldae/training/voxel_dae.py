@@ -30,7 +30,7 @@ from ldae.training.common import (
     require_sections,
     train,
 )
-from ldae.training.ema import EMA, EMAStepMixin, adam_from_config
+from ldae.training.ema import EMA, EMACodeNorm, EMAStepMixin, adam_from_config
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class VoxelDAEModule(EMAStepMixin, pl.LightningModule):
         self.schedule = NoiseSchedule.from_config(cfg["diffusion"])
         self.out = Path(cfg["out"]) if cfg.get("out") else None
         self._val: dict[str, list[Tensor]] = {}
+        self.code_norm = EMACodeNorm(EMA_PREFIX + "encoder.")  # the EMA encoder's CodeNorm statistics
         use_fast_conv3d(self)  # CPUs without AVX-512: 3D weight gradients as forward convolutions (issue 19)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -68,6 +69,7 @@ class VoxelDAEModule(EMAStepMixin, pl.LightningModule):
         return adam_from_config(self.net.parameters(), self.cfg["optim"])
 
     def on_validation_epoch_start(self) -> None:
+        self.code_norm.calibrate(self, self.ema.module.encoder)  # validation and best.ckpt use the EMA copy
         self._val = {"loss": [], "ssim_encoded": [], "ssim_semantic": [], "mse_encoded": []}
 
     @torch.no_grad()
@@ -104,6 +106,7 @@ class VoxelDAEModule(EMAStepMixin, pl.LightningModule):
                 self.log(f"val/{key}", value, prog_bar=key == "ssim_encoded", sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.code_norm.on_save_checkpoint(self, self.ema.module.encoder, checkpoint)
         attach_metadata(checkpoint, stage_metadata(
             self.cfg, STAGE, ema_prefix=EMA_PREFIX, spacing=self.cfg["data"]["spacing"],
             shape=[int(s) for s in self.cfg["data"]["shape"]]))
