@@ -159,3 +159,33 @@ def test_representation_table_gathers_r2_and_auc_on_one_split() -> None:
     assert table["voxel_pca"]["ventricle_volume_ml_r2"] < 0.2
     assert table["learned"]["ad_auc"] == probes["learned"].ad_vs_cn.auc > 0.9
     assert table["learned"]["ad_cv_auc"] == probes["learned"].ad_vs_cn.cv_auc_best
+
+
+def test_gap_on_training_latents_matches_a_hand_computation() -> None:
+    """``gap_own_train``: the own-y_sem gap on the training latents with their draws; None without y_train."""
+    schedule = NoiseSchedule(T=1000)
+    unet, shift = _tiny_nets()
+    g = torch.Generator().manual_seed(0)
+    z_train, z_held = torch.randn(6, *SHAPE, generator=g), torch.randn(5, *SHAPE, generator=g)
+    y, y_train = torch.randn(5, 6, generator=g), torch.randn(6, 6, generator=g)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in shift.parameters():
+            p.normal_(0, 0.05)
+    res = diagnostics_section(unet, shift, schedule, z_train, z_held, y, None, bands=[(200, 500)], draws=1,
+                              seed=4, batch_size=4, y_train=y_train)
+    t, noise = band_draws(6, SHAPE, (200, 500), 1, torch.Generator().manual_seed(4))
+    t, noise = t[0], noise[0]
+    with torch.no_grad():
+        z_t = schedule.q_sample(z_train, t, noise)
+        h, skips, emb = unet.encode(z_t, t)
+        eps = unet.decode(h, skips, emb)
+        k = schedule.pdae_shift_coef(t).float().reshape(-1, 1, 1, 1, 1)
+        own = ((noise - (eps - k * shift(skips, t, y_train, emb))).double() ** 2).flatten(1).mean(1).mean()
+        plain = ((noise - eps).double() ** 2).flatten(1).mean(1).mean()
+    assert res.bands[0].train == pytest.approx(float(plain), rel=1e-6)  # the memorisation column is unchanged
+    assert res.gap[0].gap_own_train == pytest.approx(float((plain - own) / plain), rel=1e-5)
+    assert res.gap[0].gap_own_train != pytest.approx(0.0, abs=1e-9)
+    assert res.gap[0].to_json()["gap_own_train"] == res.gap[0].gap_own_train
+    none = diagnostics_section(unet, shift, schedule, z_train, z_held, y, None, bands=[(200, 500)], seed=4)
+    assert none.gap[0].gap_own_train is None

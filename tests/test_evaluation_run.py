@@ -45,6 +45,7 @@ def test_metrics_schema(evaluation: Path):
         assert b["train"] > 0 and b["held_out"] > 0 and b["ratio"] == pytest.approx(b["train"] / b["held_out"])
         assert g["band"] == b["band"] and g["plain"] == pytest.approx(b["held_out"])  # same draws, same latents
         assert g["gap_own"] == pytest.approx((g["plain"] - g["own"]) / g["plain"]) and 0 <= g["own_beats_other"] <= 1
+        assert isinstance(g["gap_own_train"], float) and g["gap_own_train"] < 1  # the same gap on training scans
     assert list(d["representation"]) == ["learned", "untrained", "latent_pca", "voxel_pca"]
     for name, row in d["representation"].items():
         assert row["ad_auc"] == m["probe"][name]["ad_vs_cn"]["auc"] and row["age_r2"] == m["factors"][name]["age"]["r2"]

@@ -95,11 +95,13 @@ def _diagnostics_parts(d: dict) -> list[str]:
                  "leaves little for y_sem to fill but the subject's identity.</p>")
     if d.get("gap"):
         parts.append(_table(["timestep band", "ε_θ alone", "with own y_sem", "with another's y_sem",
-                             "removed (own)", "removed (other)", "own < other (scans)"],
+                             "removed (own)", "removed (other)", "own < other (scans)", "removed (own, training scans)"],
                             [[_band(g["band"]), g["plain"], g["own"], g["other"], g["gap_own"], g["gap_other"],
-                              g["own_beats_other"]] for g in d["gap"]], 4))
+                              g["own_beats_other"], g.get("gap_own_train")] for g in d["gap"]], 4))
         parts.append('<p class="muted">Held-out scans: ‖ε − (ε_θ − k_t G_ψ(z_t, y_sem, t))‖² with the scan\'s own y_sem '
-                     "and with another subject's; \"removed\" = the fraction of ε_θ's error G_ψ takes away.</p>")
+                     "and with another subject's; \"removed\" = the fraction of ε_θ's error G_ψ takes away. The last "
+                     "column is the same on training scans: positive there but negative held out = G_ψ memorises; "
+                     "negative on both = G_ψ fits nothing (e.g. y_sem off the distribution it was trained on).</p>")
     rep = d.get("representation") or {}
     if rep:
         cols = list(next(iter(rep.values())))

@@ -417,7 +417,10 @@ class BandGap:
     """The posterior-mean gap G_ψ fills in one band on held-out latents: ``plain = ‖ε − ε_θ‖²``, ``own`` /
     ``other`` = ``‖ε − (ε_θ − k_t G_ψ)‖²`` with the scan's own / another subject's y_sem (same draws);
     ``gap_own = (plain − own) / plain``, ``gap_other`` likewise; ``own_beats_other`` = share of scans whose
-    own-y_sem loss is below the other-y_sem one."""
+    own-y_sem loss is below the other-y_sem one. ``gap_own_train``: ``gap_own`` on the *training* latents
+    (their own y_sem, their own draws). A memorising G_ψ removes error there and adds it on held-out scans;
+    negative on both means G_ψ is not even fitting its training data (seen: y_sem off the distribution G_ψ
+    was trained on)."""
 
     band: list[int]
     plain: float
@@ -426,14 +429,17 @@ class BandGap:
     gap_own: float | None
     gap_other: float | None
     own_beats_other: float | None
+    gap_own_train: float | None = None
 
     @classmethod
     def from_means(cls, band: list[int], plain: float, own: float, other: float | None,
-                   own_beats_other: float | None) -> BandGap:
-        def rel(v: float | None) -> float | None:
-            return None if v is None or plain <= 0 else (plain - v) / plain
+                   own_beats_other: float | None, train: tuple[float, float] | None = None) -> BandGap:
+        """``train``: ``(plain, own)`` means on the training latents, or None."""
+        def rel(v: float | None, ref: float = plain) -> float | None:
+            return None if v is None or ref <= 0 else (ref - v) / ref
 
-        return cls(band, plain, own, other, rel(own), rel(other), own_beats_other)
+        return cls(band, plain, own, other, rel(own), rel(other), own_beats_other,
+                   None if train is None else rel(train[1], train[0]))
 
     def to_json(self) -> dict[str, Any]:
         return _field_dict(self)

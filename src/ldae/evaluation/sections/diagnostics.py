@@ -13,7 +13,9 @@ fixed seed):
   subject's (:func:`ldae.evaluation.sections.reconstruction.other_subject_rows`), ``k_t`` =
   :meth:`ldae.diffusion.schedule.NoiseSchedule.pdae_shift_coef` (the training loss's coefficient), same
   draws. ``gap_own = (plain − own) / plain`` is the fraction of the DDPM's error the semantics remove;
-  ``own < other`` is what y_sem says about *this* scan rather than about brains in general.
+  ``own < other`` is what y_sem says about *this* scan rather than about brains in general. The same
+  ``gap_own`` on the training latents tells memorisation (positive there, negative held out) from a G_ψ
+  that fits nothing (negative on both: seen when the EMA encoder's y_sem statistics were off).
 * **representation table**: test-split R² of each ground-truth factor and the AD-vs-CN AUC (test and
   train-split CV) for every feature set (learned y_sem, untrained encoder, latent PCA, raw-voxel PCA), all
   on the same split, gathered from the ``probe`` and ``factors`` sections (no refit).
@@ -90,10 +92,12 @@ def denoising_errors(unet: Any, schedule: Any, z0: torch.Tensor, t: torch.Tensor
 def diagnostics_section(unet: Any, shift: Any, schedule: Any, z_train: torch.Tensor, z_held: torch.Tensor,
                         y_held: torch.Tensor, y_other: torch.Tensor | None, probes: ProbeSection | None = None,
                         factors: FactorSection | None = None, bands: Sequence[Sequence[int]] = DEFAULT_BANDS,
-                        draws: int = 1, seed: int = 0, batch_size: int = 32) -> DiagnosticsSection:
+                        draws: int = 1, seed: int = 0, batch_size: int = 32,
+                        y_train: torch.Tensor | None = None) -> DiagnosticsSection:
     """The three diagnostics (module docstring). ``z_train``/``z_held``: scaled latents ``(n, C, D, H, W)``
     (what the DDPM was trained on, ``model.compress``); ``y_held``: y_sem of the held-out scans, ``y_other``:
-    for each held-out scan the y_sem of another subject's scan (None: the ``other`` column is skipped).
+    for each held-out scan the y_sem of another subject's scan (None: the ``other`` column is skipped);
+    ``y_train``: y_sem of the training scans, for the gap on training latents (None: skipped).
     Band ``b`` draws from ``torch.Generator().manual_seed(seed + b)``: the numbers are reproducible."""
     bands_ = check_bands(bands, int(schedule.T))
     shape = tuple(z_train.shape[1:])
@@ -102,8 +106,12 @@ def diagnostics_section(unet: Any, shift: Any, schedule: Any, z_train: torch.Ten
     losses, gaps = [], []
     for b, band in enumerate(bands_):
         t, noise = band_draws(n_max, shape, band, int(draws), torch.Generator().manual_seed(int(seed) + b))
-        tr = np.concatenate([denoising_errors(unet, schedule, z_train, t[d, : len(z_train)],
-                                              noise[d, : len(z_train)], batch_size)[0] for d in range(draws)])
+        with_train_y = shift is not None and y_train is not None
+        tr_runs = [denoising_errors(unet, schedule, z_train, t[d, : len(z_train)], noise[d, : len(z_train)],
+                                    batch_size, shift if with_train_y else None, [y_train] if with_train_y else [])
+                   for d in range(draws)]
+        tr = np.concatenate([r[0] for r in tr_runs])
+        tr_own = np.concatenate([r[1] for r in tr_runs]) if with_train_y else None
         held = [denoising_errors(unet, schedule, z_held, t[d, : len(z_held)], noise[d, : len(z_held)], batch_size,
                                  shift, ys) for d in range(draws)]
         plain = np.concatenate([h[0] for h in held])
@@ -114,7 +122,8 @@ def diagnostics_section(unet: Any, shift: Any, schedule: Any, z_train: torch.Ten
         if own is not None:
             gaps.append(BandGap.from_means(list(band), float(plain.mean()), float(own.mean()),
                                            None if other is None else float(other.mean()),
-                                           None if other is None else float(np.mean(own < other))))
+                                           None if other is None else float(np.mean(own < other)),
+                                           None if tr_own is None else (float(tr.mean()), float(tr_own.mean()))))
     table = representation_table(probes, factors) if probes is not None and factors is not None else {}
     return DiagnosticsSection(n_train=int(z_train.shape[0]), n_held_out=int(z_held.shape[0]), draws=int(draws),
                               seed=int(seed), bands=losses, gap=gaps, representation=table)
@@ -165,4 +174,5 @@ def run_diagnostics(model: Any, df: Any, latents: np.ndarray, y_sem: np.ndarray,
     return diagnostics_section(model.unet, model.shift, model.schedule, z[train].to(device), z[held].to(device),
                                y[held].to(device), None if y_other is None else y_other.to(device), probes, factors,
                                bands=[tuple(b) for b in dcfg.get("bands") or DEFAULT_BANDS],
-                               draws=int(dcfg.get("draws", 1)), seed=seed, batch_size=batch_size)
+                               draws=int(dcfg.get("draws", 1)), seed=seed, batch_size=batch_size,
+                               y_train=y[train].to(device))
