@@ -131,18 +131,23 @@ class EMACodeNorm:
         self._step = -1  # global step of the last calibration
 
     def calibrate(self, lm: Any, encoder: nn.Module) -> None:
-        """Calibrate ``encoder`` (the shadow copy) on ``lm.trainer.datamodule``'s training split."""
+        """Calibrate ``encoder`` (the shadow copy) on ``lm.trainer.datamodule``'s training split (nothing to
+        do without a trainer and a datamodule with a ``loader``, e.g. a module saved by hand)."""
         from ldae.nets.semantic_encoder import calibrate_code_norm, code_norms
 
-        if self._step == lm.global_step or not code_norms(encoder):
+        trainer = getattr(lm, "_trainer", None)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if self._step == lm.global_step or not code_norms(encoder) or not hasattr(dm, "loader"):
             return
-        dm = lm.trainer.datamodule
         calibrate_code_norm(encoder, (b["image"].to(lm.device) for b in dm.loader("train", False, dm.eval_batch_size)))
         self._step = lm.global_step
 
     def on_save_checkpoint(self, lm: Any, encoder: nn.Module, checkpoint: dict[str, Any]) -> None:
         """At the last epoch, calibrate if the statistics are stale and write them into ``checkpoint``."""
-        max_epochs = int(lm.trainer.max_epochs or 0)
+        trainer = getattr(lm, "_trainer", None)
+        if trainer is None:
+            return
+        max_epochs = int(trainer.max_epochs or 0)
         if self._step == lm.global_step or (max_epochs > 0 and lm.current_epoch + 1 < max_epochs):
             return
         self.calibrate(lm, encoder)
