@@ -50,6 +50,24 @@ def _tiny_nets(cond_dim: int = 6):
     return unet, shift
 
 
+def _gap_case() -> tuple:
+    """Tiny nets, 6 training / 5 held-out latents and three code sets: held-out y_sem, another subject's
+    for the held-out scans, and training y_sem (in that order from one generator)."""
+    unet, shift = _tiny_nets()
+    g = torch.Generator().manual_seed(0)
+    z_train, z_held = torch.randn(6, *SHAPE, generator=g), torch.randn(5, *SHAPE, generator=g)
+    y, y_other, y_train = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g), torch.randn(6, 6, generator=g)
+    return unet, shift, z_train, z_held, y, y_other, y_train
+
+
+def _randomise(shift: torch.nn.Module) -> None:
+    """A random, non-zero G_ψ (fixed seed)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in shift.parameters():
+            p.normal_(0, 0.05)
+
+
 def test_bands_are_clipped_and_draws_shared_by_position() -> None:
     assert check_bands([(0, 50), (50, 200), (900, 2000), (1000, 1200)], 1000) == [(0, 50), (50, 200), (900, 1000)]
     with pytest.raises(ValueError):
@@ -90,10 +108,7 @@ def test_memorising_ddpm_gives_ratio_below_one() -> None:
 
 def test_gap_is_zero_when_the_shift_is_zero_and_matches_a_hand_computation() -> None:
     schedule = NoiseSchedule(T=1000)
-    unet, shift = _tiny_nets()
-    g = torch.Generator().manual_seed(0)
-    z_train, z_held = torch.randn(6, *SHAPE, generator=g), torch.randn(5, *SHAPE, generator=g)
-    y, y_other = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    unet, shift, z_train, z_held, y, y_other, _ = _gap_case()
     with torch.no_grad():
         for p in shift.parameters():
             p.zero_()
@@ -102,10 +117,7 @@ def test_gap_is_zero_when_the_shift_is_zero_and_matches_a_hand_computation() -> 
     for gap in res.gap:  # G_ψ = 0: with either y_sem the loss is the plain one, exactly
         assert gap.own == gap.plain and gap.other == gap.plain and gap.gap_own == 0.0
     # a random (non-zero) shift: check the own-y_sem loss against a direct computation of the formula
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in shift.parameters():
-            p.normal_(0, 0.05)
+    _randomise(shift)
     res = diagnostics_section(unet, shift, schedule, z_train, z_held, y, y_other, bands=[(200, 500)], draws=1,
                               seed=4, batch_size=2)
     t, noise = band_draws(6, SHAPE, (200, 500), 1, torch.Generator().manual_seed(4))
@@ -164,14 +176,8 @@ def test_representation_table_gathers_r2_and_auc_on_one_split() -> None:
 def test_gap_on_training_latents_matches_a_hand_computation() -> None:
     """``gap_own_train``: the own-y_sem gap on the training latents with their draws; None without y_train."""
     schedule = NoiseSchedule(T=1000)
-    unet, shift = _tiny_nets()
-    g = torch.Generator().manual_seed(0)
-    z_train, z_held = torch.randn(6, *SHAPE, generator=g), torch.randn(5, *SHAPE, generator=g)
-    y, y_train = torch.randn(5, 6, generator=g), torch.randn(6, 6, generator=g)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in shift.parameters():
-            p.normal_(0, 0.05)
+    unet, shift, z_train, z_held, y, _, y_train = _gap_case()
+    _randomise(shift)
     res = diagnostics_section(unet, shift, schedule, z_train, z_held, y, None, bands=[(200, 500)], draws=1,
                               seed=4, batch_size=4, y_train=y_train)
     t, noise = band_draws(6, SHAPE, (200, 500), 1, torch.Generator().manual_seed(4))

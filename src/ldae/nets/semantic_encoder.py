@@ -109,11 +109,6 @@ class CodeNorm(nn.BatchNorm1d):
         return (x - mean) / torch.sqrt(var + self.eps)
 
 
-def code_norms(encoder: nn.Module) -> list[CodeNorm]:
-    """The :class:`CodeNorm` layers of ``encoder`` (empty without ``output_norm``)."""
-    return [m for m in encoder.modules() if isinstance(m, CodeNorm)]
-
-
 @torch.no_grad()
 def calibrate_code_norm(encoder: nn.Module, volumes: Iterable[torch.Tensor]) -> int:
     """Set the running statistics of every :class:`CodeNorm` in ``encoder`` to the exact mean and unbiased
@@ -128,7 +123,7 @@ def calibrate_code_norm(encoder: nn.Module, volumes: Iterable[torch.Tensor]) -> 
     are merged with Chan's update in float64: mean ``m = m_a + (m_b − m_a)·n_b/n``, sum of squared
     deviations ``M2 = M2_a + M2_b + (m_b − m_a)²·n_a·n_b/n``, variance ``M2/(n − 1)``.
     """
-    norms = code_norms(encoder)
+    norms = [m for m in encoder.modules() if isinstance(m, CodeNorm)]
     if not norms:
         return 0
     stats: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldae.nets.semantic_encoder import calibrate_code_norm
 from ldae.nets.weights import freeze, is_frozen
 
 __all__ = ["EMA", "EMACodeNorm", "EMAStepMixin", "FrozenEvalMixin", "adam_from_config", "freeze", "keep_frozen_eval"]
@@ -132,12 +133,11 @@ class EMACodeNorm:
 
     def calibrate(self, lm: Any, encoder: nn.Module) -> None:
         """Calibrate ``encoder`` (the shadow copy) on ``lm.trainer.datamodule``'s training split (nothing to
-        do without a trainer and a datamodule with a ``loader``, e.g. a module saved by hand)."""
-        from ldae.nets.semantic_encoder import calibrate_code_norm, code_norms
-
+        do without a trainer and a datamodule with a ``loader``, e.g. a module saved by hand; nothing is run
+        for an encoder without CodeNorm, see :func:`~ldae.nets.semantic_encoder.calibrate_code_norm`)."""
         trainer = getattr(lm, "_trainer", None)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if self._step == lm.global_step or not code_norms(encoder) or not hasattr(dm, "loader"):
+        if self._step == lm.global_step or not hasattr(dm, "loader"):
             return
         calibrate_code_norm(encoder, (b["image"].to(lm.device) for b in dm.loader("train", False, dm.eval_batch_size)))
         self._step = lm.global_step

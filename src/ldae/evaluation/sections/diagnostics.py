@@ -103,10 +103,10 @@ def diagnostics_section(unet: Any, shift: Any, schedule: Any, z_train: torch.Ten
     shape = tuple(z_train.shape[1:])
     n_max = max(z_train.shape[0], z_held.shape[0])
     ys = [y_held] + ([y_other] if y_other is not None else [])
+    with_train_y = shift is not None and y_train is not None
     losses, gaps = [], []
     for b, band in enumerate(bands_):
         t, noise = band_draws(n_max, shape, band, int(draws), torch.Generator().manual_seed(int(seed) + b))
-        with_train_y = shift is not None and y_train is not None
         tr_runs = [denoising_errors(unet, schedule, z_train, t[d, : len(z_train)], noise[d, : len(z_train)],
                                     batch_size, shift if with_train_y else None, [y_train] if with_train_y else [])
                    for d in range(draws)]
