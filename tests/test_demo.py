@@ -36,7 +36,7 @@ def test_demo_end_to_end_miniature(tmp_path: Path, capsys: pytest.CaptureFixture
     gt_auc = metrics["cohort"]["ground_truth_auc"]  # null when the cohort is too small to cross-validate
     assert metrics["cohort"]["subjects"] == 16 and (gt_auc is None or 0.0 <= gt_auc <= 1.0)
     aims = metrics["aims"]
-    assert all(isinstance(a["met"], bool) for a in aims) and all(isinstance(a["value"], float) for a in aims[:3])
+    assert all(isinstance(a["met"], bool) for a in aims) and all(isinstance(a["value"], float) for a in aims[:2])
     learned = metrics["probe"]["learned"]["ad_vs_cn"]["auc"]
     assert aims[1]["value"] == pytest.approx(learned - metrics["probe"]["untrained"]["ad_vs_cn"]["auc"])
     # beside the AUC and SSIM aims: LDAE vs each interpolation baseline, and one signed check per arm and structure
@@ -45,7 +45,14 @@ def test_demo_end_to_end_miniature(tmp_path: Path, capsys: pytest.CaptureFixture
     checks = metrics["manipulation"]["checks"]
     man = [a for a in aims if a["aim"].startswith("manipulation")]
     assert len(man) == sum(len(checks.get(arm) or {}) for arm in ("cn_to_ad", "ad_to_cn")) > 0
-    assert len(aims) == 3 + len(interp) + len(man)
+    # and what stage 3 must learn (factor R², AUC over both controls, semantic-only own vs other, LDAE vs LDDIM)
+    from ldae.config import configs_root, load_settings
+    from ldae.jobs.demo import representation_aims
+
+    rep = representation_aims(metrics, load_settings(configs_root() / "demo.yaml")["aims"])
+    assert [a["aim"] for a in aims[2:2 + len(rep)]] == [a["aim"] for a in rep]
+    assert any(a["aim"].startswith("y_sem brain_volume_ml R²") for a in rep)
+    assert len(aims) == 3 + len(rep) + len(interp) + len(man)
     assert printed.count("met]") == len(aims) and "report:" in printed
     html = (out / "report.html").read_text()
     assert "Aims of the demo" in html and "stages: representation" in html and html.count("data:image/png;base64,") >= 6
@@ -104,3 +111,49 @@ def test_demo_aims_list_the_signed_checks_and_the_interpolation_baselines() -> N
     assert [a["met"] for a in man] == [False, True, True, False]
     assert man[0]["value"] == pytest.approx(-0.4) and "ventricles up" in man[0]["aim"]
     assert all(isinstance(a["met"], bool) for a in by_name.values())
+
+
+def test_representation_aims_compare_y_sem_with_the_linear_baselines() -> None:
+    from ldae.jobs.demo import check_aims, representation_aims
+
+    def fit(r2: float) -> dict:
+        return {"r2": r2, "mae": 1.0}
+
+    def auc(test: float, cv: float) -> dict:
+        return {"ad_vs_cn": {"auc": test, "cv_auc_best": cv}}
+
+    def ssim(**by_steps: float) -> dict:
+        return {k.lstrip("s"): {"ssim": v} for k, v in by_steps.items()}
+
+    metrics = {
+        "factors": {"learned": {"brain_volume_ml": fit(0.96), "ventricle_volume_ml": fit(0.80)},
+                    "latent_pca": {"brain_volume_ml": fit(0.99), "ventricle_volume_ml": fit(0.84),
+                                   "hippocampus_volume_ml": fit(0.2)},
+                    "skipped": {}},
+        # test: the untrained encoder is the stronger control, CV: latent PCA is
+        "probe": {"learned": auc(0.80, 0.75), "untrained": auc(0.74, 0.60), "latent_pca": auc(0.70, 0.71)},
+        "reconstruction": {"ldae_semantic": ssim(s10=0.60, s50=0.64), "ldae_semantic_other": ssim(s10=0.50, s50=0.60),
+                           "ldae_encoded": ssim(s10=0.85, s20=0.87), "lddim_encoded": ssim(s10=0.84, s20=0.87)},
+    }
+    aims = {"factor_r2": {"brain_volume_ml": {"min": 0.95}, "ventricle_volume_ml": {"vs_latent_pca": -0.05},
+                          "hippocampus_volume_ml": {"vs_latent_pca": 0.0}},
+            "auc_gain_over_controls_min": 0.05, "semantic_own_vs_other_min": 0.05, "ldae_beats_lddim_at_steps": [10, 20]}
+    out = representation_aims(metrics, aims)
+    # no learned hippocampus fit: that aim is left out, not judged on a missing value
+    assert [(a["value"], a["met"]) for a in out[:2]] == [(pytest.approx(0.96), True), (pytest.approx(-0.04), True)]
+    assert "latent PCA's (0.840)" in out[1]["aim"]
+    gain = out[2]  # each estimate against its own stronger control: 0.80 - 0.74 on test, 0.75 - 0.71 in CV
+    assert gain["value"] == pytest.approx(0.06) and gain["value_cv"] == pytest.approx(0.04) and not gain["met"]
+    sem = out[3]  # the largest step count measured with both y_sem: 50 (0.64 - 0.60), not 10 (0.10)
+    assert "(50 steps)" in sem["aim"] and sem["value"] == pytest.approx(0.04) and not sem["met"]
+    assert [(a["value"], a["met"]) for a in out[4:]] == [(pytest.approx(0.01), True), (pytest.approx(0.0), False)]
+    assert len(out) == 6
+
+    metrics["factors"]["learned"]["ventricle_volume_ml"] = fit(0.78)  # 0.06 below latent PCA: not met
+    metrics["probe"]["learned"] = auc(0.80, 0.77)  # +0.06 and +0.06 over the stronger controls: met
+    again = representation_aims(metrics, aims)
+    assert [a["met"] for a in again[:3]] == [True, False, True]
+    # check_aims places them after the AUC aims it always had; a run without these sections adds none
+    assert representation_aims({}, aims) == []
+    full = check_aims(metrics, {**aims, "auc_gain_over_untrained_min": 0.1})
+    assert [a["aim"] for a in full[1:]] == [a["aim"] for a in again] and "untrained encoder" in full[0]["aim"]

@@ -208,7 +208,8 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                             [[a["aim"], a["value"], a.get("value_cv"), _ci(a.get("interval")), a["met"],
                               a.get("note")] for a in metrics["aims"]]))
         parts.append('<p class="muted">AUC aims are met only when the test split and the train-split CV both meet '
-                     "them; interpolation aims when the whole 95% interval (bootstrap over test subjects) of LDAE's "
+                     "them (the AUC over both controls against the stronger one of each estimate); factor-R² aims compare the "
+                     "learned y_sem's test-split probe with a floor or with latent PCA's; interpolation aims when the whole 95% interval (bootstrap over test subjects) of LDAE's "
                      "paired SSIM advantage lies above zero; manipulation aims when the structure moves the disease's "
                      "way at every α, never turns back, and the largest α covers the stated fraction of the cohort's "
                      "own AD−CN volume difference.</p>")

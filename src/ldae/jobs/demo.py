@@ -24,6 +24,13 @@ REGION_WORDS = {"ventricle": "ventricles", "hippocampus": "hippocampus"}
 STEP_FOLDERS = {step: "latents" if step == "compress" else step for step in DEFAULT_STEPS}
 
 
+def judged(aim: str, value: float, value_cv: float | None, ok: Callable[[float], bool]) -> dict[str, Any]:
+    """An aim judged on two estimates (test split ``value``, train-split CV ``value_cv``): met only when both
+    meet it (the test split alone when there is no CV estimate)."""
+    met = ok(value) and (value_cv is None or ok(value_cv))
+    return {"aim": aim, "value": value, "value_cv": value_cv, "met": bool(met)}
+
+
 def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     """The demo's success criteria, each with its measured value and whether it is met.
 
@@ -43,10 +50,6 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     def auc(name: str, key: str = "auc") -> float | None:
         return probe.get(name, {}).get("ad_vs_cn", {}).get(key)
 
-    def judged(aim: str, value: float, value_cv: float | None, ok: Callable[[float], bool]) -> dict[str, Any]:
-        met = ok(value) and (value_cv is None or ok(value_cv))
-        return {"aim": aim, "value": value, "value_cv": value_cv, "met": bool(met)}
-
     def cv_diff(a: str, b: str) -> float | None:
         x, y = auc(a, "cv_auc_best"), auc(b, "cv_auc_best")
         return None if x is None or y is None else x - y
@@ -60,6 +63,7 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
         limit = aims["auc_gain_over_untrained_min"]
         out.append(judged(f"learned AUC at least {limit} above the untrained encoder (gain)",
                           learned - auc("untrained"), cv_diff("learned", "untrained"), lambda v: v >= limit))
+    out += representation_aims(metrics, aims)
     recon = metrics.get("reconstruction", {})
     if recon.get("autoencoder") and recon.get("ldae_encoded"):
         best = max(recon["ldae_encoded"], key=lambda k: recon["ldae_encoded"][k]["ssim"])
@@ -82,6 +86,68 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
                                f"least {checks.get('min_gap_fraction')} of the cohort's AD−CN gap (fraction)",
                         "value": c["fraction_of_gap_at_max_alpha"], "met": bool(c["passed"]),
                         **({"note": c["reason"]} if c.get("reason") else {})})
+    return out
+
+
+def representation_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
+    """What stage 3 must learn (the aims of "y_sem >= the linear baselines"), each judged on the run's metrics.
+
+    * ``factor_r2``: per factor column, the learned y_sem's test-split R² of its ridge probe must reach
+      ``min`` (an absolute floor) and/or latent PCA's R² + ``vs_latent_pca`` (a margin, negative = allowed
+      shortfall): the information is in the autoencoder's latents, so y_sem must keep it;
+    * ``auc_gain_over_controls_min``: learned AD-vs-CN AUC >= max(untrained encoder, latent PCA) + the margin,
+      on the test split and in train-split CV (both estimates, as the other AUC aims; each against the
+      stronger control of that estimate);
+    * ``semantic_own_vs_other_min``: semantic-only reconstruction SSIM with the scan's own y_sem minus with
+      another subject's, at the largest step count both were measured at: how much of the scan y_sem decides;
+    * ``ldae_beats_lddim_at_steps``: LDAE encoded reconstruction SSIM above the unconditional DDIM
+      inversion's (LDDIM) at each of these step counts: the semantics must help decoding.
+
+    An aim whose inputs the run did not measure is left out (a run without those evaluation sections)."""
+    out: list[dict[str, Any]] = []
+    factors = metrics.get("factors") or {}  # {feature set: {column: fit}} (+ "skipped")
+    learned, pca = factors.get("learned") or {}, factors.get("latent_pca") or {}
+    for col, rule in (aims.get("factor_r2") or {}).items():
+        r2 = (learned.get(col) or {}).get("r2")
+        if r2 is None:
+            continue
+        if "min" in rule:
+            floor = float(rule["min"])
+            out.append({"aim": f"y_sem {col} R² at least {floor:g} (test split)", "value": float(r2),
+                        "met": bool(r2 >= floor)})
+        ref = (pca.get(col) or {}).get("r2")
+        if "vs_latent_pca" in rule and ref is not None:
+            margin = float(rule["vs_latent_pca"])
+            out.append({"aim": f"y_sem {col} R² minus latent PCA's ({ref:.3f}), at least {margin:g}",
+                        "value": float(r2 - ref), "met": bool(r2 - ref >= margin)})
+    probe = metrics.get("probe") or {}
+    gain = aims.get("auc_gain_over_controls_min")
+    controls = [c for c in ("untrained", "latent_pca") if c in probe]
+    if gain is not None and "learned" in probe and controls:
+        def margin(key: str) -> float | None:
+            values = [probe[n]["ad_vs_cn"].get(key) for n in ("learned", *controls)]
+            return None if any(v is None for v in values) else values[0] - max(values[1:])
+
+        test = margin("auc")
+        if test is not None:
+            out.append(judged(f"learned AUC at least {gain:g} above the best of {' and '.join(controls)} (gain)",
+                              test, margin("cv_auc_best"), lambda v: v >= float(gain)))
+    recon = metrics.get("reconstruction") or {}
+    own, other = recon.get("ldae_semantic") or {}, recon.get("ldae_semantic_other") or {}
+    both = sorted((s for s in own if s in other), key=int)
+    limit = aims.get("semantic_own_vs_other_min")
+    if limit is not None and both:
+        s = both[-1]
+        diff = own[s]["ssim"] - other[s]["ssim"]
+        out.append({"aim": f"semantic-only SSIM ({s} steps), own y_sem minus another subject's, at least {limit:g}",
+                    "value": float(diff), "met": bool(diff >= float(limit))})
+    ldae, lddim = recon.get("ldae_encoded") or {}, recon.get("lddim_encoded") or {}
+    for steps in aims.get("ldae_beats_lddim_at_steps") or []:
+        s = str(steps)
+        if s in ldae and s in lddim:
+            diff = ldae[s]["ssim"] - lddim[s]["ssim"]
+            out.append({"aim": f"LDAE encoded SSIM above LDDIM's (unconditional DDIM inversion) at {s} steps "
+                               "(difference)", "value": float(diff), "met": bool(diff > 0)})
     return out
 
 
