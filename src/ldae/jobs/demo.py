@@ -38,7 +38,8 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     cross-validation (``value_cv``), and are met only when both estimates meet them: the demo's test split
     holds about a dozen AD/CN subjects, on which the AUC's 95 % interval is about ±0.4 wide.
 
-    Interpolation: for each baseline in ``aims.interpolation_must_beat``, LDAE's missing-visit SSIM minus the
+    Then what stage 3 must learn (:func:`representation_aims`: factor R², AUC over both controls, semantic-only
+    own vs other, LDAE vs LDDIM). Interpolation: for each baseline in ``aims.interpolation_must_beat``, LDAE's missing-visit SSIM minus the
     baseline's (``value``, mean paired difference) must have its whole 95 % subject-bootstrap interval
     (``interval``) above zero. Manipulation: one aim per arm and structure, ``value`` = the fraction of the
     cohort's AD−CN gap covered at the largest α, met only when the evaluation's signed, sized check passed
