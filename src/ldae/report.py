@@ -95,7 +95,8 @@ def _diagnostics_parts(d: dict) -> list[str]:
                  "leaves little for y_sem to fill but the subject's identity.</p>")
     if d.get("gap"):
         parts.append(_table(["timestep band", "ε_θ alone", "with own y_sem", "with another's y_sem",
-                             "removed (own)", "removed (other)", "own < other (scans)", "removed (own, training scans)"],
+                             "removed (own)", "removed (other)", "own < other (scans)",
+                             "removed (own, training scans)"],
                             [[_band(g["band"]), g["plain"], g["own"], g["other"], g["gap_own"], g["gap_other"],
                               g["own_beats_other"], g.get("gap_own_train")] for g in d["gap"]], 4))
         parts.append('<p class="muted">Held-out scans: ‖ε − (ε_θ − k_t G_ψ(z_t, y_sem, t))‖² with the scan\'s own y_sem '
@@ -208,8 +209,9 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                             [[a["aim"], a["value"], a.get("value_cv"), _ci(a.get("interval")), a["met"],
                               a.get("note")] for a in metrics["aims"]]))
         parts.append('<p class="muted">AUC aims are met only when the test split and the train-split CV both meet '
-                     "them (the AUC over both controls against the stronger one of each estimate); factor-R² aims compare the "
-                     "learned y_sem's test-split probe with a floor or with latent PCA's; interpolation aims when the whole 95% interval (bootstrap over test subjects) of LDAE's "
+                     "them (the AUC over both controls against the stronger one of each estimate); factor-R² "
+                     "aims compare the learned y_sem's test-split probe with a floor or with latent PCA's; "
+                     "interpolation aims when the whole 95% interval (bootstrap over test subjects) of LDAE's "
                      "paired SSIM advantage lies above zero; manipulation aims when the structure moves the disease's "
                      "way at every α, never turns back, and the largest α covers the stated fraction of the cohort's "
                      "own AD−CN volume difference.</p>")

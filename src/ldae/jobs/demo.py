@@ -24,6 +24,12 @@ REGION_WORDS = {"ventricle": "ventricles", "hippocampus": "hippocampus"}
 STEP_FOLDERS = {step: "latents" if step == "compress" else step for step in DEFAULT_STEPS}
 
 
+def probe_auc(probe: dict, name: str, key: str = "auc") -> float | None:
+    """One AD-vs-CN number (``auc`` on the test split, ``cv_auc_best`` in train-split CV) of feature set
+    ``name`` in the evaluation's ``probe`` section; None when that set or number was not measured."""
+    return probe.get(name, {}).get("ad_vs_cn", {}).get(key)
+
+
 def judged(aim: str, value: float, value_cv: float | None, ok: Callable[[float], bool]) -> dict[str, Any]:
     """An aim judged on two estimates (test split ``value``, train-split CV ``value_cv``): met only when both
     meet it (the test split alone when there is no CV estimate)."""
@@ -38,8 +44,10 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     cross-validation (``value_cv``), and are met only when both estimates meet them: the demo's test split
     holds about a dozen AD/CN subjects, on which the AUC's 95 % interval is about ±0.4 wide.
 
-    Then what stage 3 must learn (:func:`representation_aims`: factor R², AUC over both controls, semantic-only
-    own vs other, LDAE vs LDDIM). Interpolation: for each baseline in ``aims.interpolation_must_beat``, LDAE's missing-visit SSIM minus the
+    Then what stage 3 must learn (:func:`representation_aims`: factor R², AUC over both controls,
+    semantic-only own vs other, LDAE vs LDDIM).
+
+    Interpolation: for each baseline in ``aims.interpolation_must_beat``, LDAE's missing-visit SSIM minus the
     baseline's (``value``, mean paired difference) must have its whole 95 % subject-bootstrap interval
     (``interval``) above zero. Manipulation: one aim per arm and structure, ``value`` = the fraction of the
     cohort's AD−CN gap covered at the largest α, met only when the evaluation's signed, sized check passed
@@ -49,7 +57,7 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     probe = metrics.get("probe", {})
 
     def auc(name: str, key: str = "auc") -> float | None:
-        return probe.get(name, {}).get("ad_vs_cn", {}).get(key)
+        return probe_auc(probe, name, key)
 
     def cv_diff(a: str, b: str) -> float | None:
         x, y = auc(a, "cv_auc_best"), auc(b, "cv_auc_best")
@@ -126,13 +134,13 @@ def representation_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     controls = [c for c in ("untrained", "latent_pca") if c in probe]
     if gain is not None and "learned" in probe and controls:
         def margin(key: str) -> float | None:
-            values = [probe[n]["ad_vs_cn"].get(key) for n in ("learned", *controls)]
+            values = [probe_auc(probe, n, key) for n in ("learned", *controls)]
             return None if any(v is None for v in values) else values[0] - max(values[1:])
 
         test = margin("auc")
         if test is not None:
-            out.append(judged(f"learned AUC at least {gain:g} above the best of {' and '.join(controls)} (gain)",
-                              test, margin("cv_auc_best"), lambda v: v >= float(gain)))
+            aim = f"learned AUC at least {gain:g} above the best of {' and '.join(controls)} (gain)"
+            out.append(judged(aim, test, margin("cv_auc_best"), lambda v: v >= float(gain)))
     recon = metrics.get("reconstruction") or {}
     own, other = recon.get("ldae_semantic") or {}, recon.get("ldae_semantic_other") or {}
     both = sorted((s for s in own if s in other), key=int)
@@ -140,8 +148,8 @@ def representation_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     if limit is not None and both:
         s = both[-1]
         diff = own[s]["ssim"] - other[s]["ssim"]
-        out.append({"aim": f"semantic-only SSIM ({s} steps), own y_sem minus another subject's, at least {limit:g}",
-                    "value": float(diff), "met": bool(diff >= float(limit))})
+        out.append({"aim": f"semantic-only SSIM ({s} steps), own y_sem minus another subject's, "
+                           f"at least {limit:g}", "value": float(diff), "met": bool(diff >= float(limit))})
     ldae, lddim = recon.get("ldae_encoded") or {}, recon.get("lddim_encoded") or {}
     for steps in aims.get("ldae_beats_lddim_at_steps") or []:
         s = str(steps)
