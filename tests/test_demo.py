@@ -116,8 +116,8 @@ def test_demo_aims_list_the_signed_checks_and_the_interpolation_baselines() -> N
 def test_representation_aims_compare_y_sem_with_the_linear_baselines() -> None:
     from ldae.jobs.demo import check_aims, representation_aims
 
-    def fit(r2: float) -> dict:
-        return {"r2": r2, "mae": 1.0}
+    def fit(r2: float, cv: float | None = None) -> dict:
+        return {"r2": r2, "cv_r2": cv, "mae": 1.0}
 
     def auc(test: float, cv: float) -> dict:
         return {"ad_vs_cn": {"auc": test, "cv_auc_best": cv}}
@@ -150,6 +150,17 @@ def test_representation_aims_compare_y_sem_with_the_linear_baselines() -> None:
     assert len(out) == 6
 
     metrics["factors"]["learned"]["ventricle_volume_ml"] = fit(0.78)  # 0.06 below latent PCA: not met
+    # both estimates judged when both were measured: met on the test split, not in CV (0.52 vs 0.60)
+    metrics["factors"]["learned"]["brain_volume_ml"] = fit(0.96, cv=0.97)
+    metrics["factors"]["latent_pca"]["hippocampus_volume_ml"] = fit(0.2, cv=0.60)
+    metrics["factors"]["learned"]["hippocampus_volume_ml"] = fit(0.25, cv=0.52)
+    hip = [a for a in representation_aims(metrics, aims) if "hippocampus" in a["aim"]]
+    assert len(hip) == 1 and hip[0]["value"] == pytest.approx(0.05) and hip[0]["value_cv"] == pytest.approx(-0.08)
+    assert not hip[0]["met"]
+    brain = representation_aims(metrics, aims)[0]
+    assert brain["value_cv"] == pytest.approx(0.97) and brain["met"]
+    del metrics["factors"]["learned"]["hippocampus_volume_ml"]
+    metrics["factors"]["learned"]["brain_volume_ml"] = fit(0.96)
     metrics["probe"]["learned"] = auc(0.80, 0.77)  # +0.06 and +0.06 over the stronger controls: met
     again = representation_aims(metrics, aims)
     assert [a["met"] for a in again[:3]] == [True, False, True]

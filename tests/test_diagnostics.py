@@ -169,6 +169,8 @@ def test_representation_table_gathers_r2_and_auc_on_one_split() -> None:
     assert list(table) == ["learned", "voxel_pca"]
     assert table["learned"]["ventricle_volume_ml_r2"] == factors.fits["learned"]["ventricle_volume_ml"].r2 > 0.9
     assert table["voxel_pca"]["ventricle_volume_ml_r2"] < 0.2
+    assert table["learned"]["ventricle_volume_ml_cv_r2"] == factors.fits["learned"]["ventricle_volume_ml"].cv_r2 > 0.9
+    assert table["voxel_pca"]["ventricle_volume_ml_cv_r2"] < 0.1
     assert table["learned"]["ad_auc"] == probes["learned"].ad_vs_cn.auc > 0.9
     assert table["learned"]["ad_cv_auc"] == probes["learned"].ad_vs_cn.cv_auc_best
 

@@ -38,6 +38,7 @@ def test_metrics_schema(evaluation: Path):
         assert ad["auc_ci95"] is None or 0.0 <= ad["auc_ci95"][0] <= ad["auc_ci95"][1] <= 1.0
         assert m["probe"][name]["ad_vs_cn"]["positive_class"] == "AD"
         assert "age" in m["factors"][name] and -10 < m["factors"][name]["age"]["r2"] <= 1
+        assert -10 < m["factors"][name]["age"]["cv_r2"] <= 1  # nested train-split CV: a second estimate
     d = m["diagnostics"]  # issue 17: memorisation per band, the gap G_ψ fills, one representation table
     assert [b["band"] for b in d["denoising_loss"]] == [[0, 50], [50, 200], [200, 500], [500, 1000]]
     assert d["n_train"] > 0 and d["n_held_out"] > 0 and d["seed"] == 0
@@ -49,6 +50,7 @@ def test_metrics_schema(evaluation: Path):
     assert list(d["representation"]) == ["learned", "untrained", "latent_pca", "voxel_pca"]
     for name, row in d["representation"].items():
         assert row["ad_auc"] == m["probe"][name]["ad_vs_cn"]["auc"] and row["age_r2"] == m["factors"][name]["age"]["r2"]
+        assert row["age_cv_r2"] == m["factors"][name]["age"]["cv_r2"]
     methods = ("ldae", "nearest_visit", "ldae_nearest_visit", "latent_lerp", "autoencoder_target")
     assert list(m["interpolation"]) == list(methods)
     for method in methods:
@@ -164,6 +166,7 @@ def test_factor_section_probes_present_numeric_columns_only() -> None:
     out = factor_section({"learned": X}, df, ["size", "noise", "partial", "absent"], seed=0).to_json()
     assert set(out["learned"]) == {"size", "noise"}
     assert out["learned"]["size"]["r2"] > 0.95 and out["learned"]["noise"]["r2"] < 0.2
+    assert out["learned"]["size"]["cv_r2"] > 0.95 and out["learned"]["noise"]["cv_r2"] < 0.1
     assert out["skipped"] == {"partial": "missing or non-numeric values", "absent": "not a cohort column"}
 
 

@@ -319,3 +319,66 @@ def test_balanced_threshold_by_hand() -> None:
     assert balanced_threshold(np.array([1, 1]), np.array([0.2, 0.3]))[0] == 0.5
     # scores ranked the wrong way round: no cut beats chance, the neutral 1/2 is kept
     assert balanced_threshold(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.6, 0.7])) == (0.5, 0.5)
+
+
+def _nested_cv_r2_reference(X, y, split, subject, seed: int = 0) -> float:
+    """Nested subject-grouped CV R² over the train rows by scikit-learn's own machinery: for each outer fold,
+    GridSearchCV over (StandardScaler -> Ridge) with the inner folds on the outer-train rows, refit, predict
+    the outer-validation rows; pooled out-of-fold predictions scored by r2_score. The fold assignment is
+    the module's (a seeded relabelling fed to GroupKFold); the grid is reversed because GridSearchCV breaks
+    ties toward the first value and the probe toward the strongest regularisation."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ldae.evaluation.probes import DEFAULT_ALPHAS, _grouped_folds
+
+    fit = split == "train"
+    Xf, yf, gf = X[fit], y[fit], subject[fit]
+    oof = np.empty(len(yf))
+    for tr, va in _grouped_folds(gf, 5, seed):
+        inner = _grouped_folds(gf[tr], 5, seed + 1)
+        search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()),
+                              {"ridge__alpha": list(reversed(DEFAULT_ALPHAS))},
+                              scoring="neg_mean_absolute_error", cv=inner)
+        oof[va] = search.fit(Xf[tr], yf[tr]).predict(Xf[va])
+    return float(r2_score(yf, oof))
+
+
+def test_regression_probe_nested_cv_r2_matches_a_scikit_learn_grid_search() -> None:
+    from ldae.evaluation.probes import probe_regression
+
+    X, dx, split, age, subject, w = _cohort(signal=1.0)
+    rng = np.random.default_rng(3)
+    for target in (X @ w * 10.0 + 3.0,                                        # linear: R² near 1
+                   X @ w + rng.normal(scale=1.0, size=len(X)),                # partly linear
+                   rng.normal(size=len(X))):                                  # noise: R² <= 0
+        r = probe_regression(X, target, split, subject, seed=0, target="volume")
+        assert r["cv_r2"] == pytest.approx(_nested_cv_r2_reference(X, target, split, subject, seed=0), abs=1e-9)
+    assert probe_regression(X, X @ w * 10.0, split, subject)["cv_r2"] > 0.99
+    assert probe_regression(X, rng.normal(size=len(X)), split, subject)["cv_r2"] < 0.05
+
+
+def test_nested_cv_r2_says_no_to_a_subject_identity_shortcut() -> None:
+    """A target that is a per-subject random effect, with embeddings that identify the subject (its sessions
+    share a random code) but carry nothing that generalises: any ungrouped CV would score it near 1 by
+    matching a subject's other session; the subject-grouped nested CV must score it at or below 0."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    from ldae.evaluation.probes import probe_regression
+
+    rng = np.random.default_rng(0)
+    n_subjects, sessions, d = 80, 3, 64
+    subject = np.repeat(np.arange(n_subjects), sessions)
+    code = rng.normal(size=(n_subjects, d))
+    X = code[subject] + 0.05 * rng.normal(size=(len(subject), d))
+    y = rng.normal(size=n_subjects)[subject]
+    split = np.where(subject % 5 == 0, "test", "train")
+    r = probe_regression(X, y, split, subject, seed=0)
+    assert r["cv_r2"] is not None and r["cv_r2"] < 0.05
+    fit = split == "train"
+    leaky = cross_val_predict(Ridge(alpha=1.0), X[fit], y[fit], cv=KFold(5, shuffle=True, random_state=0))
+    assert 1 - np.sum((leaky - y[fit]) ** 2) / np.sum((y[fit] - y[fit].mean()) ** 2) > 0.5  # the shortcut is real

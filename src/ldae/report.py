@@ -106,11 +106,17 @@ def _diagnostics_parts(d: dict) -> list[str]:
     rep = d.get("representation") or {}
     if rep:
         cols = list(next(iter(rep.values())))
-        parts.append(_table(["features", *[c.removesuffix("_r2") + " R²" if c.endswith("_r2") else c for c in cols]],
+        def header(c: str) -> str:
+            if c.endswith("_cv_r2"):
+                return c.removesuffix("_cv_r2") + " CV R²"
+            return c.removesuffix("_r2") + " R²" if c.endswith("_r2") else c
+
+        parts.append(_table(["features", *[header(c) for c in cols]],
                             [[name, *[row.get(c) for c in cols]] for name, row in rep.items()]))
-        parts.append('<p class="muted">Same test split for every row: ridge R² per ground-truth factor, AD-vs-CN '
-                     "logistic AUC on the test split (ad_auc) and in train-split CV (ad_cv_auc). voxel_pca = PCA of "
-                     "the model-ready voxels fitted on the train split.</p>")
+        parts.append('<p class="muted">Same split for every row: ridge R² per ground-truth factor on the test split '
+                     "and in the train split's nested subject-grouped CV (CV R²), AD-vs-CN logistic AUC on the test "
+                     "split (ad_auc) and in train-split CV (ad_cv_auc). voxel_pca = PCA of the model-ready voxels "
+                     "fitted on the train split.</p>")
     return parts
 
 
@@ -278,10 +284,13 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     names = [c for c in (factors.get("learned") or {})]
     if names:
         parts.append("<h3>What y_sem encodes</h3>")
-        parts.append(_table(["encoder", *names], [[enc, *[factors[enc][c]["r2"] for c in names]]
-                                                  for enc in FEATURE_SETS if enc in factors]))
-        parts.append('<p class="muted">R² on the test split of a ridge probe per known factor (fitted on the train '
-                     "split, regularisation by subject-grouped CV); 0 = no better than the test mean.</p>")
+        parts.append(_table(["encoder", *[f"{c} ({where})" for c in names for where in ("test", "CV")]],
+                            [[enc, *[factors[enc][c].get(key) for c in names for key in ("r2", "cv_r2")]]
+                             for enc in FEATURE_SETS if enc in factors]))
+        parts.append('<p class="muted">R² of a ridge probe per known factor: on the test split (fitted on the train '
+                     "split, regularisation by subject-grouped CV) and, as a second estimate over ~8× as many "
+                     "subjects, in the train split's nested subject-grouped CV (pooled out-of-fold predictions, "
+                     "regularisation chosen inside each outer fold); 0 = no better than the mean.</p>")
     parts.append(_img(ev / "lda.png", "LDA projection of y_sem by diagnosis"))
     base = metrics.get("baselines") or {}
     if any(base.values()):

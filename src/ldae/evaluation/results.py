@@ -78,6 +78,7 @@ class RegressorMetrics:
     mae_ci95: list[float] | None
     rmse: float
     r2: float | None
+    cv_r2: float | None
     n_train: int
     n_test: int
     n_train_subjects: int
@@ -175,9 +176,11 @@ class ProbeSection:
 
 @dataclass(frozen=True)
 class FactorFit:
-    """Test-split fit of a ridge probe of one known factor (a cohort column) on one feature set."""
+    """Test-split fit of a ridge probe of one known factor (a cohort column) on one feature set, with the
+    nested subject-grouped CV R² of the train split (``cv_r2``) as a second estimate."""
 
     r2: float | None
+    cv_r2: float | None
     mae: float
     mae_ci95: list[float] | None
     cv_mae_best: float

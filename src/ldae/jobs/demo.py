@@ -101,9 +101,10 @@ def check_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
 def representation_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     """What stage 3 must learn (the aims of "y_sem >= the linear baselines"), each judged on the run's metrics.
 
-    * ``factor_r2``: per factor column, the learned y_sem's test-split R² of its ridge probe must reach
-      ``min`` (an absolute floor) and/or latent PCA's R² + ``vs_latent_pca`` (a margin, negative = allowed
-      shortfall): the information is in the autoencoder's latents, so y_sem must keep it;
+    * ``factor_r2``: per factor column, the learned y_sem's R² of its ridge probe must reach ``min`` (an
+      absolute floor) and/or latent PCA's R² + ``vs_latent_pca`` (a margin, negative = allowed shortfall):
+      the information is in the autoencoder's latents, so y_sem must keep it. Judged on the test split and
+      on the train split's nested subject-grouped CV R² (``cv_r2``), met only when both meet it;
     * ``auc_gain_over_controls_min``: learned AD-vs-CN AUC >= max(untrained encoder, latent PCA) + the margin,
       on the test split and in train-split CV (both estimates, as the other AUC aims; each against the
       stronger control of that estimate);
@@ -117,18 +118,18 @@ def representation_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     factors = metrics.get("factors") or {}  # {feature set: {column: fit}} (+ "skipped")
     learned, pca = factors.get("learned") or {}, factors.get("latent_pca") or {}
     for col, rule in (aims.get("factor_r2") or {}).items():
-        r2 = (learned.get(col) or {}).get("r2")
+        mine, ref = learned.get(col) or {}, pca.get(col) or {}
+        r2, r2_cv = mine.get("r2"), mine.get("cv_r2")
         if r2 is None:
             continue
         if "min" in rule:
             floor = float(rule["min"])
-            out.append({"aim": f"y_sem {col} R² at least {floor:g} (test split)", "value": float(r2),
-                        "met": bool(r2 >= floor)})
-        ref = (pca.get(col) or {}).get("r2")
-        if "vs_latent_pca" in rule and ref is not None:
+            out.append(judged(f"y_sem {col} R² at least {floor:g}", float(r2), r2_cv, lambda v, f=floor: v >= f))
+        if "vs_latent_pca" in rule and ref.get("r2") is not None:
             margin = float(rule["vs_latent_pca"])
-            out.append({"aim": f"y_sem {col} R² minus latent PCA's ({ref:.3f}), at least {margin:g}",
-                        "value": float(r2 - ref), "met": bool(r2 - ref >= margin)})
+            cv = None if r2_cv is None or ref.get("cv_r2") is None else float(r2_cv - ref["cv_r2"])
+            out.append(judged(f"y_sem {col} R² minus latent PCA's ({ref['r2']:.3f}), at least {margin:g}",
+                              float(r2 - ref["r2"]), cv, lambda v, m=margin: v >= m))
     probe = metrics.get("probe") or {}
     gain = aims.get("auc_gain_over_controls_min")
     controls = [c for c in ("untrained", "latent_pca") if c in probe]

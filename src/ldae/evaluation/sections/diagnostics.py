@@ -16,8 +16,8 @@ fixed seed):
   ``own < other`` is what y_sem says about *this* scan rather than about brains in general. The same
   ``gap_own`` on the training latents tells memorisation (positive there, negative held out) from a G_ψ
   that fits nothing (negative on both: seen when the EMA encoder's y_sem statistics were off).
-* **representation table**: test-split R² of each ground-truth factor and the AD-vs-CN AUC (test and
-  train-split CV) for every feature set (learned y_sem, untrained encoder, latent PCA, raw-voxel PCA), all
+* **representation table**: test-split and nested train-split CV R² of each ground-truth factor and the
+  AD-vs-CN AUC (test and train-split CV) for every feature set (learned y_sem, untrained encoder, latent PCA, raw-voxel PCA), all
   on the same split, gathered from the ``probe`` and ``factors`` sections (no refit).
 """
 
@@ -130,11 +130,14 @@ def diagnostics_section(unet: Any, shift: Any, schedule: Any, z_train: torch.Ten
 
 
 def representation_table(probes: ProbeSection, factors: FactorSection) -> dict[str, dict[str, float | None]]:
-    """Per feature set (those in both sections, in the factor section's order): test R² of each factor,
-    the AD-vs-CN test AUC and its train-split CV AUC (``ad_auc``, ``ad_cv_auc``), on the same split."""
+    """Per feature set (those in both sections, in the factor section's order): test R² of each factor and
+    its nested train-split CV R² (``{col}_r2``, ``{col}_cv_r2``), the AD-vs-CN test AUC and its train-split
+    CV AUC (``ad_auc``, ``ad_cv_auc``), on the same split."""
     out: dict[str, dict[str, float | None]] = {}
     for name, cols in factors.fits.items():
-        row: dict[str, float | None] = {f"{col}_r2": fit.r2 for col, fit in cols.items()}
+        row: dict[str, float | None] = {}
+        for col, fit in cols.items():
+            row[f"{col}_r2"], row[f"{col}_cv_r2"] = fit.r2, fit.cv_r2
         if name in probes.sets:
             row["ad_auc"] = probes[name].ad_vs_cn.auc
             row["ad_cv_auc"] = probes[name].ad_vs_cn.cv_auc_best
