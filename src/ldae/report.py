@@ -288,7 +288,7 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
                             [[enc, *[factors[enc][c].get(key) for c in names for key in ("r2", "cv_r2")]]
                              for enc in FEATURE_SETS if enc in factors]))
         parts.append('<p class="muted">R² of a ridge probe per known factor: on the test split (fitted on the train '
-                     "split, regularisation by subject-grouped CV) and, as a second estimate over ~8× as many "
+                     "split, regularisation by subject-grouped CV) and, as a second estimate over more "
                      "subjects, in the train split's nested subject-grouped CV (pooled out-of-fold predictions, "
                      "regularisation chosen inside each outer fold); 0 = no better than the mean.</p>")
     parts.append(_img(ev / "lda.png", "LDA projection of y_sem by diagnosis"))

@@ -398,9 +398,9 @@ def probe_regression(
     and ``cv_r2``, a second estimate from the fit rows alone: nested subject-grouped CV, i.e. the same
     outer folds as the alpha choice, each outer fold's alpha chosen again by an inner GroupKFold of its
     training rows, the out-of-fold predictions pooled, ``1 - SSE/SST`` with the fit rows' mean (None when
-    an outer fold's training rows hold fewer than 2 subjects). On the demo's test split of about a dozen
-    subjects the test R² of a weak factor swings by ±0.3 between runs; the nested estimate pools ~8× as
-    many subjects.
+    an outer fold's training rows hold fewer than 2 subjects). On the demo's test split of 24 subjects the
+    test R² of a weak factor moves by up to ~0.3 between runs; the nested estimate pools the train split's
+    86 subjects.
     """
     from sklearn.linear_model import Ridge
 

@@ -17,8 +17,8 @@ fixed seed):
   ``gap_own`` on the training latents tells memorisation (positive there, negative held out) from a G_ψ
   that fits nothing (negative on both: seen when the EMA encoder's y_sem statistics were off).
 * **representation table**: test-split and nested train-split CV R² of each ground-truth factor and the
-  AD-vs-CN AUC (test and train-split CV) for every feature set (learned y_sem, untrained encoder, latent PCA, raw-voxel PCA), all
-  on the same split, gathered from the ``probe`` and ``factors`` sections (no refit).
+  AD-vs-CN AUC (test and train-split CV) for every feature set (learned y_sem, untrained encoder, latent
+  PCA, raw-voxel PCA), all on the same split, gathered from the ``probe`` and ``factors`` sections (no refit).
 """
 
 from __future__ import annotations
