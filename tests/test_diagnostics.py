@@ -173,6 +173,11 @@ def test_representation_table_gathers_r2_and_auc_on_one_split() -> None:
     assert table["voxel_pca"]["ventricle_volume_ml_cv_r2"] < 0.1
     assert table["learned"]["ad_auc"] == probes["learned"].ad_vs_cn.auc > 0.9
     assert table["learned"]["ad_cv_auc"] == probes["learned"].ad_vs_cn.cv_auc_best
+    assert "latent_r2" not in table["learned"]  # no read-out given
+    readout = {"learned": {"r2": 0.4, "cv_r2": 0.7}}
+    with_readout = representation_table(probes, factors, readout)
+    assert with_readout["learned"]["latent_r2"] == 0.4 and with_readout["learned"]["latent_cv_r2"] == 0.7
+    assert "latent_r2" not in with_readout["voxel_pca"]
 
 
 def test_gap_on_training_latents_matches_a_hand_computation() -> None:

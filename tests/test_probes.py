@@ -382,3 +382,72 @@ def test_nested_cv_r2_says_no_to_a_subject_identity_shortcut() -> None:
     fit = split == "train"
     leaky = cross_val_predict(Ridge(alpha=1.0), X[fit], y[fit], cv=KFold(5, shuffle=True, random_state=0))
     assert 1 - np.sum((leaky - y[fit]) ** 2) / np.sum((y[fit] - y[fit].mean()) ** 2) > 0.5  # the shortcut is real
+
+
+def _latent_cohort(n_subjects: int = 200, sessions: int = 2, rank: int = 4, p: int = 100, noise: float = 2.0,
+                   seed: int = 0):
+    """Latents ``Z = F B + noise`` with ``F`` a per-subject low-rank factor (sessions jitter it a little);
+    returns ``(F, Z, split, subject, best)``, ``best(rows)`` = the R² the true map ``F B`` reaches on those
+    rows (1 − noise SS / total SS around their mean: what a perfect read-out of F would score there)."""
+    rng = np.random.default_rng(seed)
+    subject = np.repeat(np.arange(n_subjects), sessions)
+    F = rng.normal(size=(n_subjects, rank))[subject] + 0.1 * rng.normal(size=(len(subject), rank))
+    clean = F @ rng.normal(size=(rank, p))
+    Z = clean + noise * rng.normal(size=(len(subject), p))
+    split = np.where(subject % 4 == 0, "test", "train")
+
+    def best(rows: np.ndarray) -> float:
+        return float(1 - np.sum((Z[rows] - clean[rows]) ** 2) / np.sum((Z[rows] - Z[rows].mean(0)) ** 2))
+
+    return F, Z, split, subject, best
+
+
+def test_latent_readout_recovers_the_explained_share_and_matches_a_closed_form_ridge() -> None:
+    """A code that holds the latents' factors reproduces the share of their variation that the generator
+    puts there; the test R² equals a numpy closed-form ridge (standardised features, intercept) at the
+    chosen alpha; noise features explain nothing."""
+    from ldae.evaluation.probes import probe_latent_readout
+
+    F, Z, split, subject, best = _latent_cohort()
+    r = probe_latent_readout(F, Z, split, subject, seed=0)
+    assert 0.4 < best(split == "test") < 0.6
+    assert r["r2"] == pytest.approx(best(split == "test"), abs=0.02)
+    assert r["cv_r2"] == pytest.approx(best(split == "train"), abs=0.02)
+    assert r["n_test_subjects"] == 50 and r["n_train_subjects"] == 150
+
+    fit, test = split == "train", split == "test"
+    mean, std = F[fit].mean(0), F[fit].std(0)
+    Xs = (F[fit] - mean) / std
+    W = np.linalg.solve(Xs.T @ Xs + r["alpha"] * np.eye(F.shape[1]), Xs.T @ (Z[fit] - Z[fit].mean(0)))
+    pred = (F[test] - mean) / std @ W + Z[fit].mean(0)
+    ref = 1 - np.sum((pred - Z[test]) ** 2) / np.sum((Z[test] - Z[test].mean(0)) ** 2)
+    assert r["r2"] == pytest.approx(ref, abs=1e-9)
+
+    noise = np.random.default_rng(1).normal(size=(len(Z), 8))
+    r = probe_latent_readout(noise, Z, split, subject, seed=0)
+    assert r["r2"] < 0.05 and r["cv_r2"] < 0.05
+
+
+def test_latent_readout_says_no_to_an_encoder_that_memorised_its_training_scans() -> None:
+    """Codes that carry the factors for the training scans only (as an encoder that memorised them would)
+    score high in train-split CV and at or below zero on the test split: the gap is the diagnostic."""
+    from ldae.evaluation.probes import probe_latent_readout
+
+    F, Z, split, subject, best = _latent_cohort()
+    X = F.copy()
+    X[split == "test"] = np.random.default_rng(2).normal(size=((split == "test").sum(), F.shape[1]))
+    r = probe_latent_readout(X, Z, split, subject, seed=0)
+    assert r["cv_r2"] == pytest.approx(best(split == "train"), abs=0.02)
+    assert r["r2"] < 0.0
+
+
+def test_latent_readout_errors_name_the_problem() -> None:
+    from ldae.evaluation.probes import probe_latent_readout
+
+    F, Z, split, subject, _ = _latent_cohort()
+    with pytest.raises(LDAEError, match=r"latent read-out \(y_sem\): 400 embedding rows but 399 latents"):
+        probe_latent_readout(F, Z[:-1], split, subject, what="latent read-out (y_sem)")
+    bad = Z.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(LDAEError, match="the latents hold 1 NaN/inf"):
+        probe_latent_readout(F, bad, split, subject)

@@ -163,3 +163,48 @@ def test_ema_encoder_codes_are_standardised_on_the_training_split(tiny_run: Path
     assert n >= 10
     assert mean.abs().max() < 1e-3
     torch.testing.assert_close(std, torch.sqrt((n - 1) / n * var / (var + 1e-5)), atol=1e-4, rtol=1e-3)
+
+
+def test_latent_readout_loss_is_the_unexplained_variance_fraction() -> None:
+    """Against closed forms: W = 0 leaves all of the variation (1); the least-squares map with an intercept
+    (torch.linalg.lstsq on [y, 1]) leaves 1 − R² of ordinary regression, and the loss with that slope
+    equals it (the centring stands in for the intercept); a code that holds the latent exactly leaves none;
+    a constant offset of the latents or of y_sem changes nothing."""
+    from ldae.training.representation import latent_readout_loss
+
+    gen = torch.Generator().manual_seed(0)
+    z0 = torch.randn(32, 2, 3, 2, 2, generator=gen) * torch.linspace(0.1, 2.0, 24).reshape(1, 2, 3, 2, 2) + 0.7
+    flat = z0.flatten(1)
+    y = torch.randn(32, 5, generator=gen)
+    readout = torch.nn.Linear(5, 24, bias=False)
+    with torch.no_grad():
+        readout.weight.zero_()
+    assert latent_readout_loss(readout, y, z0).item() == pytest.approx(1.0, rel=1e-6)
+
+    design = torch.cat([y, torch.ones(32, 1)], dim=1).double()
+    coef = torch.linalg.lstsq(design, flat.double()).solution
+    with torch.no_grad():
+        readout.weight.copy_(coef[:5].T.float())
+    resid = flat.double() - design @ coef
+    expected = (resid.pow(2).sum() / (flat.double() - flat.double().mean(0)).pow(2).sum()).item()
+    assert 0.3 < expected < 1.0
+    assert latent_readout_loss(readout, y, z0).item() == pytest.approx(expected, rel=1e-4)
+    assert latent_readout_loss(readout, y + 3.0, z0 - 5.0).item() == pytest.approx(expected, rel=1e-4)
+
+    exact = torch.nn.Linear(24, 24, bias=False)
+    with torch.no_grad():
+        exact.weight.copy_(torch.eye(24))
+    assert latent_readout_loss(exact, flat, z0).item() < 1e-10
+
+
+@pytest.mark.parametrize("bad", [-0.1, True, "x", float("nan")])
+def test_bad_latent_readout_named_before_anything_is_read(bad) -> None:
+    from ldae.config import load_preset
+    from ldae.errors import ConfigError
+    from ldae.training.representation import fit
+
+    cfg = load_preset("tiny", "representation")
+    cfg["diffusion_checkpoint"], cfg["data"]["csv"] = "/nonexistent/best.ckpt", "/nonexistent.csv"
+    cfg["loss"]["latent_readout"] = bad
+    with pytest.raises(ConfigError, match=r"loss.latent_readout': expected a number >= 0, got "):
+        fit(cfg)

@@ -116,7 +116,10 @@ def _diagnostics_parts(d: dict) -> list[str]:
         parts.append('<p class="muted">Same split for every row: ridge R² per ground-truth factor on the test split '
                      "and in the train split's nested subject-grouped CV (CV R²), AD-vs-CN logistic AUC on the test "
                      "split (ad_auc) and in train-split CV (ad_cv_auc). voxel_pca = PCA of the model-ready voxels "
-                     "fitted on the train split.</p>")
+                     "fitted on the train split. latent R² = share of the autoencoder latents' between-scan "
+                     "variation a ridge from the features reproduces (multi-output; test split, and nested CV on "
+                     "the train split): a learned y_sem far higher in CV than on test reproduces the scans its "
+                     "encoder was trained on, not new ones.</p>")
     return parts
 
 

@@ -120,7 +120,8 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
         t0 = time.perf_counter()
         if not cfg["probes"].get("latent_pca_components"):
             latents = embed(lambda x: model.compress(x).flatten(1), scans, all_rows, bs, "latents (diagnostics)")
-        diagnostics = run_diagnostics(model, df, latents, learned, probes, factors, dcfg, bs, seed)
+        diagnostics = run_diagnostics(model, df, latents, learned, probes, factors, dcfg, bs, seed,
+                                      features={k: v for k, v in features.items() if k != "oracle"})
         timings["diagnostics"] = time.perf_counter() - t0
 
     # ---- reconstruction

@@ -469,6 +469,74 @@ def probe_regression(
     }
 
 
+def probe_latent_readout(
+    X: Any,
+    latents: Any,
+    split: Any,
+    subject: Any,
+    seed: int = 0,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    fit_splits: Sequence[str] = ("train",),
+    what: str = "latent read-out",
+) -> dict[str, Any]:
+    """How much of the autoencoder latent an embedding holds, linearly: a multi-output ridge from ``X``
+    ``(n, d)`` to the flattened latents ``(n, p)``, the protocol of :func:`probe_regression` with the
+    criterion summed over every latent element.
+
+    ``r2 = 1 − Σ‖z − ẑ‖² / Σ‖z − z̄_test‖²`` over the test rows (the share of the latents' between-scan
+    variation the embedding reproduces), and ``cv_r2`` the same from nested subject-grouped CV over the fit
+    rows (outer folds as the alpha choice, alpha chosen again inside each; pooled out-of-fold predictions,
+    SST around the fit rows' mean). The alpha has the lowest mean validation squared error.
+
+    Why: the stage-3 encoder is trained on the fit rows. ``cv_r2`` well above ``r2`` means its y_sem
+    reproduces the *training* scans' latents but not new ones (the encoder memorises); for latent PCA
+    (fitted on the same rows, linear) the two stay close. Both far below latent PCA's means y_sem holds
+    less of the scan than its linear compression (what the factor probes then show factor by factor).
+    """
+    from sklearn.linear_model import Ridge
+
+    X, cols = _check_inputs(X, {"split": split, "subject": subject})
+    Z = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
+    if len(Z) != len(X):
+        raise LDAEError(f"{what}: {len(X)} embedding rows but {len(Z)} latents")
+    if not np.isfinite(Z).all():
+        raise LDAEError(f"{what}: the latents hold {int((~np.isfinite(Z)).sum())} NaN/inf value(s)")
+    fit, test = _fit_test_masks(cols["split"], fit_splits, what)
+    Xf, Zf, gf = X[fit], Z[fit], cols["subject"][fit]
+    k = _n_folds(len(set(gf)), what)
+    folds = _grouped_folds(gf, k, seed)
+
+    def _fit(rows: np.ndarray, alpha: float) -> tuple[Ridge, np.ndarray, np.ndarray]:
+        return _fit_standardised(Ridge(alpha=alpha), Xf[rows], Zf[rows])
+
+    def _choose_alpha(rows: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        def _val_sse(tr: np.ndarray, va: np.ndarray, alpha: float) -> float:
+            reg, mean, scale = _fit(rows[tr], alpha)
+            return float(np.mean((reg.predict((Xf[rows[va]] - mean) / scale) - Zf[rows[va]]) ** 2))
+
+        return _pick(alphas, _cross_validate(alphas, inner, _val_sse), higher_is_better=False,
+                     strongest_first=False)
+
+    best_alpha = _choose_alpha(np.arange(len(Zf)), folds)
+    oof = np.full(Zf.shape, np.nan)
+    for tr, va in folds:
+        n_inner = len(set(gf[tr]))
+        if n_inner < 2:
+            break
+        alpha = _choose_alpha(tr, _grouped_folds(gf[tr], min(MAX_FOLDS, n_inner), seed + 1))
+        reg, mean, scale = _fit(tr, alpha)
+        oof[va] = reg.predict((Xf[va] - mean) / scale)
+    sst_fit = float(np.sum((Zf - Zf.mean(axis=0)) ** 2))
+    cv_r2 = (1.0 - float(np.sum((oof - Zf) ** 2)) / sst_fit
+             if np.isfinite(oof).all() and sst_fit > 0 else None)
+    reg, mean, scale = _fit(np.arange(len(Zf)), best_alpha)
+    pred = reg.predict((X[test] - mean) / scale)
+    sst = float(np.sum((Z[test] - Z[test].mean(axis=0)) ** 2))
+    return {"r2": 1.0 - float(np.sum((pred - Z[test]) ** 2)) / sst if sst > 0 else None, "cv_r2": cv_r2,
+            "alpha": best_alpha, **_split_sizes(fit, test, gf, cols["subject"]),
+            "selection": f"GroupKFold({k}) by subject over {list(fit_splits)} rows, mean validation squared error"}
+
+
 def scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
     """A probe result without its arrays (for metrics.json / tables)."""
     return {k: v for k, v in result.items() if k not in _ARRAY_KEYS}

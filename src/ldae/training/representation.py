@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,12 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
         self.ema_shift = EMA(self.shift, decay, warmup)
         self.gamma = float(cfg["loss"]["gamma"])
         self.repeats = int(cfg["loss"].get("repeats", 1))
+        # optional linear read-out of the latent from y_sem (training only; see latent_readout_loss)
+        self.readout_weight = float(cfg["loss"].get("latent_readout", 0.0) or 0.0)
+        self.latent_readout = None
+        if self.readout_weight > 0:
+            self.latent_readout = torch.nn.Linear(self.encoder.emb_dim, math.prod(self.latent_shape), bias=False)
+            torch.nn.init.zeros_(self.latent_readout.weight)  # starts at "explains nothing" (loss 1)
         self.out = Path(cfg["out"])
         self._autoencoder: list = []
         self._val: dict[str, list[torch.Tensor]] = {}
@@ -112,13 +119,20 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
         y = self.encoder(batch["image"])
         loss = pdae_loss(self.unet, self.shift, self.schedule, z0, y, self.gamma, repeats=self.repeats)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=z0.shape[0])
+        if self.latent_readout is not None:
+            readout = latent_readout_loss(self.latent_readout, y, z0)
+            self.log("train/latent_readout", readout, on_step=True, on_epoch=True, batch_size=z0.shape[0])
+            loss = loss + self.readout_weight * readout
         return loss
 
     def ema_pairs(self) -> list[tuple[EMA, torch.nn.Module]]:
         return [(self.ema_encoder, self.encoder), (self.ema_shift, self.shift)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adam_from_config([*self.encoder.parameters(), *self.shift.parameters()], self.cfg["optim"])
+        params = [*self.encoder.parameters(), *self.shift.parameters()]
+        if self.latent_readout is not None:
+            params += list(self.latent_readout.parameters())
+        return adam_from_config(params, self.cfg["optim"])
 
     # ---------------------------------------------------------------- validation
     def autoencoder(self) -> torch.nn.Module:
@@ -181,6 +195,27 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
             emb_dim=self.encoder.emb_dim, unet_config=dict(self.unet.config), upstream=upstream))
 
 
+def latent_readout_loss(readout: torch.nn.Module, y_sem: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+    """Fraction of the batch's latent variation that a linear map of y_sem leaves unexplained.
+
+    With deviations from the batch means, ``ẑ = z0 − z̄0`` and ``ŷ = y_sem − ȳ``:
+    ``mean‖ẑ − W ŷ‖² / mean‖ẑ‖²`` (1 for W = 0). Centring both sides makes the loss about how scans
+    *differ*: the latents' mean (most of their magnitude, the same in every scan) needs no bias to be learnt
+    first. Added to the PDAE loss with weight ``loss.latent_readout`` (0 = off, the paper's objective), it
+    asks y_sem to carry the latent's directions of largest variation linearly, as a principal-component
+    basis does. Why it exists: a gradient estimator given *fixed* features recovers about as much held-out
+    denoising error from the ventricle-free part of the latents' principal components as from all of them
+    (README, "Stage-3 levers"), so the PDAE loss alone gives y_sem little reason to keep a structure that
+    explains 1.5 % of the latents' variance. W (``readout``, bias unused) is trained with the encoder and
+    dropped after training.
+    """
+    flat = z0.flatten(1).float()
+    target = flat - flat.mean(dim=0, keepdim=True)
+    y = y_sem.float()
+    pred = torch.nn.functional.linear(y - y.mean(dim=0, keepdim=True), readout.weight)
+    return (pred - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+
+
 def _validate(cfg: dict) -> None:
     require_sections(cfg, SECTIONS, STAGE, "RUN/latents/cohort_with_compressed_latent.csv")
     if not cfg.get("diffusion_checkpoint"):
@@ -190,6 +225,11 @@ def _validate(cfg: dict) -> None:
     repeats = get_dotted(cfg, "loss.repeats", 1)  # absent in configs written before it existed
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"config key 'loss.repeats': expected an integer >= 1, got {repeats!r}")
+    readout = get_dotted(cfg, "loss.latent_readout", 0.0)
+    if readout is None:
+        readout = 0.0
+    if isinstance(readout, bool) or not isinstance(readout, (int, float)) or not math.isfinite(readout) or readout < 0:
+        raise ConfigError(f"config key 'loss.latent_readout': expected a number >= 0, got {readout!r}")
 
 
 def _image_geometry(module: RepresentationModule) -> tuple[Any, list[int]]:

@@ -18,7 +18,11 @@ fixed seed):
   that fits nothing (negative on both: seen when the EMA encoder's y_sem statistics were off).
 * **representation table**: test-split and nested train-split CV R² of each ground-truth factor and the
   AD-vs-CN AUC (test and train-split CV) for every feature set (learned y_sem, untrained encoder, latent
-  PCA, raw-voxel PCA), all on the same split, gathered from the ``probe`` and ``factors`` sections (no refit).
+  PCA, raw-voxel PCA), all on the same split, gathered from the ``probe`` and ``factors`` sections (no refit),
+  and beside them how much of the latent itself each set holds linearly (``latent_r2`` on the test split,
+  ``latent_cv_r2`` in nested train-split CV: :func:`ldae.evaluation.probes.probe_latent_readout`). A learned
+  y_sem whose CV value is far above its test value reproduces the latents of the scans its encoder was
+  trained on, not of new ones.
 """
 
 from __future__ import annotations
@@ -93,11 +97,13 @@ def diagnostics_section(unet: Any, shift: Any, schedule: Any, z_train: torch.Ten
                         y_held: torch.Tensor, y_other: torch.Tensor | None, probes: ProbeSection | None = None,
                         factors: FactorSection | None = None, bands: Sequence[Sequence[int]] = DEFAULT_BANDS,
                         draws: int = 1, seed: int = 0, batch_size: int = 32,
-                        y_train: torch.Tensor | None = None) -> DiagnosticsSection:
+                        y_train: torch.Tensor | None = None,
+                        readout: dict[str, dict[str, Any]] | None = None) -> DiagnosticsSection:
     """The three diagnostics (module docstring). ``z_train``/``z_held``: scaled latents ``(n, C, D, H, W)``
     (what the DDPM was trained on, ``model.compress``); ``y_held``: y_sem of the held-out scans, ``y_other``:
     for each held-out scan the y_sem of another subject's scan (None: the ``other`` column is skipped);
-    ``y_train``: y_sem of the training scans, for the gap on training latents (None: skipped).
+    ``y_train``: y_sem of the training scans, for the gap on training latents (None: skipped); ``readout``:
+    per feature set, its latent read-out (:func:`ldae.evaluation.probes.probe_latent_readout`) for the table.
     Band ``b`` draws from ``torch.Generator().manual_seed(seed + b)``: the numbers are reproducible."""
     bands_ = check_bands(bands, int(schedule.T))
     shape = tuple(z_train.shape[1:])
@@ -124,15 +130,17 @@ def diagnostics_section(unet: Any, shift: Any, schedule: Any, z_train: torch.Ten
                                            None if other is None else float(other.mean()),
                                            None if other is None else float(np.mean(own < other)),
                                            None if tr_own is None else (float(tr.mean()), float(tr_own.mean()))))
-    table = representation_table(probes, factors) if probes is not None and factors is not None else {}
+    table = representation_table(probes, factors, readout) if probes is not None and factors is not None else {}
     return DiagnosticsSection(n_train=int(z_train.shape[0]), n_held_out=int(z_held.shape[0]), draws=int(draws),
                               seed=int(seed), bands=losses, gap=gaps, representation=table)
 
 
-def representation_table(probes: ProbeSection, factors: FactorSection) -> dict[str, dict[str, float | None]]:
+def representation_table(probes: ProbeSection, factors: FactorSection,
+                         readout: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, float | None]]:
     """Per feature set (those in both sections, in the factor section's order): test R² of each factor and
     its nested train-split CV R² (``{col}_r2``, ``{col}_cv_r2``), the AD-vs-CN test AUC and its train-split
-    CV AUC (``ad_auc``, ``ad_cv_auc``), on the same split."""
+    CV AUC (``ad_auc``, ``ad_cv_auc``), on the same split; with ``readout`` (set -> a
+    :func:`ldae.evaluation.probes.probe_latent_readout` result) also ``latent_r2`` and ``latent_cv_r2``."""
     out: dict[str, dict[str, float | None]] = {}
     for name, cols in factors.fits.items():
         row: dict[str, float | None] = {}
@@ -141,6 +149,8 @@ def representation_table(probes: ProbeSection, factors: FactorSection) -> dict[s
         if name in probes.sets:
             row["ad_auc"] = probes[name].ad_vs_cn.auc
             row["ad_cv_auc"] = probes[name].ad_vs_cn.cv_auc_best
+        if readout is not None and name in readout:
+            row["latent_r2"], row["latent_cv_r2"] = readout[name]["r2"], readout[name]["cv_r2"]
         out[name] = row
     return out
 
@@ -155,11 +165,14 @@ def subsample(rows: Sequence[int], k: int | None, seed: int) -> list[int]:
 
 
 def run_diagnostics(model: Any, df: Any, latents: np.ndarray, y_sem: np.ndarray, probes: ProbeSection,
-                    factors: FactorSection, dcfg: dict, batch_size: int, seed: int) -> DiagnosticsSection | None:
+                    factors: FactorSection, dcfg: dict, batch_size: int, seed: int,
+                    features: dict[str, np.ndarray] | None = None) -> DiagnosticsSection | None:
     """:func:`diagnostics_section` of a loaded :class:`ldae.model.LDAE` on the cohort ``df``: ``latents``
     ``(n, prod(latent_shape))`` (``model.compress``) and ``y_sem`` ``(n, emb_dim)`` aligned with ``df``'s
     rows; at most ``dcfg['max_latents']`` training and as many held-out (val + test) rows, chosen with
-    ``seed``. None when either set is empty."""
+    ``seed``. ``features`` (set name -> ``(n, d)``, aligned with ``df``): the sets whose latent read-out the
+    table reports (all of ``df``'s rows, train split fit, test split scored). None when either set is empty."""
+    from ldae.evaluation.probes import probe_latent_readout
     from ldae.evaluation.sections.reconstruction import other_subject_rows
 
     split = df["split"].astype(str).to_numpy()
@@ -174,8 +187,11 @@ def run_diagnostics(model: Any, df: Any, latents: np.ndarray, y_sem: np.ndarray,
     subject = df["subject"].reset_index(drop=True)
     donor = other_subject_rows(held, subject)
     y_other = None if donor is None else y[[donor[i] for i in held]]
+    readout = {name: probe_latent_readout(X, latents, split, df["subject"].to_numpy(), seed=seed,
+                                          what=f"latent read-out ({name})")
+               for name, X in (features or {}).items()}
     return diagnostics_section(model.unet, model.shift, model.schedule, z[train].to(device), z[held].to(device),
                                y[held].to(device), None if y_other is None else y_other.to(device), probes, factors,
                                bands=[tuple(b) for b in dcfg.get("bands") or DEFAULT_BANDS],
                                draws=int(dcfg.get("draws", 1)), seed=seed, batch_size=batch_size,
-                               y_train=y[train].to(device))
+                               y_train=y[train].to(device), readout=readout)
