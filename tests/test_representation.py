@@ -208,3 +208,42 @@ def test_bad_latent_readout_named_before_anything_is_read(bad) -> None:
     cfg["loss"]["latent_readout"] = bad
     with pytest.raises(ConfigError, match=r"loss.latent_readout': expected a number >= 0, got "):
         fit(cfg)
+
+
+def test_training_step_adds_the_weighted_latent_readout(tiny_run: Path, model: LDAE, scans: torch.Tensor) -> None:
+    """With ``loss.latent_readout`` = λ the step's loss is the PDAE loss plus λ times the read-out loss of
+    the same y_sem (recomputed here with the same draws); the read-out map starts at zero (loss exactly 1)
+    and gets a gradient; it is not part of the weights inference loads; λ = 0 builds no read-out at all."""
+    import warnings
+
+    from ldae.config import load_preset
+    from ldae.diffusion.pdae import pdae_loss
+    from ldae.runs import find_checkpoint
+    from ldae.training.representation import RepresentationModule, latent_readout_loss
+
+    cfg = load_preset("tiny", "representation")
+    cfg["out"] = str(tiny_run / "scratch")
+    diffusion = str(find_checkpoint(tiny_run, "diffusion"))
+    assert RepresentationModule(cfg, diffusion).latent_readout is None
+    cfg["loss"]["latent_readout"] = 0.25
+    module = RepresentationModule(cfg, diffusion)
+    module.on_fit_start()
+    module.train()
+    with torch.no_grad():
+        latent = model.compress(scans) / module.scale_factor
+    batch = {"image": scans, "latent": latent}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        torch.manual_seed(5)
+        loss = module.training_step(batch, 0)
+    torch.manual_seed(5)
+    z0 = latent * module.scale_factor
+    y = module.encoder(scans)
+    pdae = pdae_loss(module.unet, module.shift, module.schedule, z0, y, module.gamma, repeats=module.repeats)
+    readout = latent_readout_loss(module.latent_readout, y, z0)
+    assert readout.item() == pytest.approx(1.0, abs=1e-6)
+    assert loss.item() == pytest.approx(pdae.item() + 0.25 * readout.item(), rel=1e-5)
+    loss.backward()
+    assert module.latent_readout.weight.grad is not None and module.latent_readout.weight.grad.abs().sum() > 0
+    assert not any(k.startswith("latent_readout") for k in module.ema_encoder.state_dict())
+    assert any(k.startswith("latent_readout.") for k in module.state_dict())
