@@ -381,6 +381,40 @@ def probe_age(
                             what="age probe", target="age")
 
 
+def _ridge_nested_cv(
+    Xf: np.ndarray, Yf: np.ndarray, gf: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+    alphas: Sequence[float], seed: int, val_loss: Callable[[np.ndarray, np.ndarray], float],
+) -> tuple[float, list[float], np.ndarray]:
+    """The ridge protocol shared by :func:`probe_regression` and :func:`probe_latent_readout` on the fit
+    rows ``Xf`` / ``Yf`` (targets ``(n,)`` or ``(n, p)``) grouped by subject ``gf``.
+
+    Returns ``(best_alpha, scores, oof)``: the alpha of lowest mean ``val_loss(prediction, truth)`` over
+    ``folds`` (ties toward the stronger penalty: :func:`_pick` scans the grid from its largest alpha), the mean
+    validation loss per alpha, and nested out-of-fold predictions: each outer fold's alpha chosen again by
+    an inner GroupKFold of its training rows (``seed + 1``), so no prediction saw its own row (NaN rows left
+    when an outer fold's training rows hold fewer than 2 subjects)."""
+    from sklearn.linear_model import Ridge
+
+    def choose(rows: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, list[float]]:
+        def score(tr: np.ndarray, va: np.ndarray, alpha: float) -> float:
+            reg, mean, scale = _fit_standardised(Ridge(alpha=alpha), Xf[rows[tr]], Yf[rows[tr]])
+            return val_loss(reg.predict((Xf[rows[va]] - mean) / scale), Yf[rows[va]])
+
+        scores = _cross_validate(alphas, inner, score)
+        return _pick(alphas, scores, higher_is_better=False, strongest_first=False), scores
+
+    best_alpha, scores = choose(np.arange(len(Yf)), folds)
+    oof = np.full(Yf.shape, np.nan)
+    for tr, va in folds:
+        n_inner = len(set(gf[tr]))
+        if n_inner < 2:
+            break
+        alpha, _ = choose(tr, _grouped_folds(gf[tr], min(MAX_FOLDS, n_inner), seed + 1))
+        reg, mean, scale = _fit_standardised(Ridge(alpha=alpha), Xf[tr], Yf[tr])
+        oof[va] = reg.predict((Xf[va] - mean) / scale)
+    return best_alpha, scores, oof
+
+
 def probe_regression(
     X: Any,
     values: Any,
@@ -416,35 +450,14 @@ def probe_regression(
     k = _n_folds(len(set(gf)), what)
     folds = _grouped_folds(gf, k, seed)
 
-    def _fit(Xa: np.ndarray, ya: np.ndarray, alpha: float) -> tuple[Ridge, np.ndarray, np.ndarray]:
-        return _fit_standardised(Ridge(alpha=alpha), Xa, ya)
-
-    def _choose_alpha(rows: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, list[float]]:
-        """The alpha of lowest mean validation MAE over ``inner`` folds of the fit rows ``rows``."""
-        def _val_mae(tr: np.ndarray, va: np.ndarray, alpha: float) -> float:
-            reg, mean, scale = _fit(Xf[rows[tr]], yf[rows[tr]], alpha)
-            return float(np.mean(np.abs(reg.predict((Xf[rows[va]] - mean) / scale) - yf[rows[va]])))
-
-        scores = _cross_validate(alphas, inner, _val_mae)
-        return _pick(alphas, scores, higher_is_better=False, strongest_first=False), scores
-
-    best_alpha, cv_mae = _choose_alpha(np.arange(len(yf)), folds)
-
-    # Nested CV R² over the fit rows: each outer fold's alpha is chosen by an inner subject-grouped CV of
-    # the outer-train rows only, so the pooled out-of-fold predictions never saw their own rows.
-    oof = np.full(len(yf), np.nan)
-    for tr, va in folds:
-        n_inner = len(set(gf[tr]))
-        if n_inner < 2:
-            break
-        alpha, _ = _choose_alpha(tr, _grouped_folds(gf[tr], min(MAX_FOLDS, n_inner), seed + 1))
-        reg, mean, scale = _fit(Xf[tr], yf[tr], alpha)
-        oof[va] = reg.predict((Xf[va] - mean) / scale)
+    # alpha by mean validation MAE; nested CV R² from out-of-fold predictions that never saw their own rows
+    best_alpha, cv_mae, oof = _ridge_nested_cv(Xf, yf, gf, folds, alphas, seed,
+                                               lambda pred, truth: float(np.mean(np.abs(pred - truth))))
     sst_fit = float(np.sum((yf - yf.mean()) ** 2))
     cv_r2 = (1.0 - float(np.sum((oof - yf) ** 2)) / sst_fit
              if np.isfinite(oof).all() and sst_fit > 0 else None)
 
-    reg, mean, scale = _fit(Xf, yf, best_alpha)
+    reg, mean, scale = _fit_standardised(Ridge(alpha=best_alpha), Xf, yf)
     pred = reg.predict((X[test] - mean) / scale)
     err = pred - y[test]
     sst = float(np.sum((y[test] - y[test].mean()) ** 2))
@@ -506,30 +519,12 @@ def probe_latent_readout(
     k = _n_folds(len(set(gf)), what)
     folds = _grouped_folds(gf, k, seed)
 
-    def _fit(rows: np.ndarray, alpha: float) -> tuple[Ridge, np.ndarray, np.ndarray]:
-        return _fit_standardised(Ridge(alpha=alpha), Xf[rows], Zf[rows])
-
-    def _choose_alpha(rows: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]]) -> float:
-        def _val_sse(tr: np.ndarray, va: np.ndarray, alpha: float) -> float:
-            reg, mean, scale = _fit(rows[tr], alpha)
-            return float(np.mean((reg.predict((Xf[rows[va]] - mean) / scale) - Zf[rows[va]]) ** 2))
-
-        return _pick(alphas, _cross_validate(alphas, inner, _val_sse), higher_is_better=False,
-                     strongest_first=False)
-
-    best_alpha = _choose_alpha(np.arange(len(Zf)), folds)
-    oof = np.full(Zf.shape, np.nan)
-    for tr, va in folds:
-        n_inner = len(set(gf[tr]))
-        if n_inner < 2:
-            break
-        alpha = _choose_alpha(tr, _grouped_folds(gf[tr], min(MAX_FOLDS, n_inner), seed + 1))
-        reg, mean, scale = _fit(tr, alpha)
-        oof[va] = reg.predict((Xf[va] - mean) / scale)
+    best_alpha, _, oof = _ridge_nested_cv(Xf, Zf, gf, folds, alphas, seed,
+                                          lambda pred, truth: float(np.mean((pred - truth) ** 2)))
     sst_fit = float(np.sum((Zf - Zf.mean(axis=0)) ** 2))
     cv_r2 = (1.0 - float(np.sum((oof - Zf) ** 2)) / sst_fit
              if np.isfinite(oof).all() and sst_fit > 0 else None)
-    reg, mean, scale = _fit(np.arange(len(Zf)), best_alpha)
+    reg, mean, scale = _fit_standardised(Ridge(alpha=best_alpha), Xf, Zf)
     pred = reg.predict((X[test] - mean) / scale)
     sst = float(np.sum((Z[test] - Z[test].mean(axis=0)) ** 2))
     return {"r2": 1.0 - float(np.sum((pred - Z[test]) ** 2)) / sst if sst > 0 else None, "cv_r2": cv_r2,
