@@ -145,9 +145,15 @@ def test_representation_aims_compare_y_sem_with_the_linear_baselines() -> None:
     gain = out[2]  # each estimate against its own stronger control: 0.80 - 0.74 on test, 0.75 - 0.71 in CV
     assert gain["value"] == pytest.approx(0.06) and gain["value_cv"] == pytest.approx(0.04) and not gain["met"]
     sem = out[3]  # the largest step count measured with both y_sem: 50 (0.64 - 0.60), not 10 (0.10)
-    assert "(50 steps)" in sem["aim"] and sem["value"] == pytest.approx(0.04) and not sem["met"]
+    assert "(50 steps, guidance scale 1)" in sem["aim"] and sem["value"] == pytest.approx(0.04) and not sem["met"]
+    assert "at most" not in sem["aim"]  # no autoencoder_other row: no bound stated
     assert [(a["value"], a["met"]) for a in out[4:]] == [(pytest.approx(0.01), True), (pytest.approx(0.0), False)]
     assert len(out) == 6
+
+    bounded = {**metrics, "guidance_scale": 3.0, "reconstruction": {
+        **metrics["reconstruction"], "autoencoder": {"ssim": 0.90}, "autoencoder_other": {"ssim": 0.78}}}
+    sem = representation_aims(bounded, aims)[3]
+    assert "guidance scale 3)" in sem["aim"] and "at most 0.120 (autoencoder of the scan minus" in sem["aim"]
 
     metrics["factors"]["learned"]["ventricle_volume_ml"] = fit(0.78)  # 0.06 below latent PCA: not met
     # both estimates judged when both were measured: met on the test split, not in CV (0.52 vs 0.60)

@@ -30,6 +30,8 @@ def test_metrics_schema(evaluation: Path):
     assert 0 < m["reconstruction"]["ldae_semantic_other"][top]["ssim"] <= 1
     ae = m["reconstruction"]["autoencoder"]
     assert 0 < ae["ssim"] <= 1 and ae["mse"] > 0 and ae["lpips"] is None and "unavailable" in m["lpips_status"]
+    assert 0 < m["reconstruction"]["autoencoder_other"]["ssim"] <= 1  # the bound of semantic-only own - other
+    assert m["guidance_scale"] == 1.0
     for name in ("learned", "untrained", "latent_pca", "voxel_pca"):
         assert set(m["probe"][name]["ad_vs_cn"]) >= {"accuracy", "balanced_accuracy", "precision", "recall", "f1",
                                                      "mcc", "auc", "threshold", "threshold_cv_balanced_accuracy"}
@@ -86,6 +88,40 @@ def test_metrics_schema(evaluation: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_other_subjects_autoencoder_row_scores_the_donor_scan_against_the_scan(evaluation: Path, tiny_run: Path):
+    """``autoencoder_other``: per test scan, SSIM of the autoencoder's reconstruction of the *donor* scan (the
+    other subject whose y_sem the semantic-only control uses) against the scan, recomputed here."""
+    import pandas as pd
+    import torch
+
+    from ldae.data.cohort import ensure_split, read_cohort
+    from ldae.evaluation.sections.common import ScanCache
+    from ldae.evaluation.sections.reconstruction import other_subject_rows
+    from ldae.metrics import ssim3d
+    from ldae.model import LDAE
+    from ldae.runs import COMPRESSED_CSV, stage_dir
+
+    model = LDAE.load(tiny_run)
+    df = ensure_split(read_cohort(stage_dir(tiny_run, "latents") / COMPRESSED_CSV), seed=0)
+    import yaml
+
+    limit = yaml.safe_load((evaluation / "config.yaml").read_text())["reconstruction"]["max_scans"]
+    test = df.index[df["split"] == "test"].tolist()[:limit]  # the scans the reconstruction table used
+    donor = other_subject_rows(test, df["subject"])
+    scans = ScanCache(df, model.spacing, model.shape, "cpu")
+    per_scan = pd.read_csv(evaluation / "reconstruction.csv")
+    rows = per_scan[per_scan["method"] == "autoencoder_other"].set_index("row")
+    assert sorted(rows.index) == sorted(test)
+    for r in test[:2]:
+        assert df.loc[donor[r], "subject"] != df.loc[r, "subject"]
+        with torch.no_grad():
+            ref = float(ssim3d(model.decompress(model.compress(scans.get(donor[r]))), scans.get(r)).reshape(()))
+        assert rows.loc[r, "ssim"] == pytest.approx(ref, abs=1e-5)
+    m = json.loads((evaluation / "metrics.json").read_text())
+    assert m["reconstruction"]["autoencoder_other"]["ssim"] == pytest.approx(rows["ssim"].mean())
+
+
 def test_probes_saved_for_prediction(evaluation: Path, tiny_run: Path):
     import numpy as np
 

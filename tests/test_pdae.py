@@ -73,6 +73,37 @@ def test_guided_eps_uses_sqrt_one_minus_alphabar():
     torch.testing.assert_close(guided_eps_fn(unet, shift, sched, y)(z, t), expected)
 
 
+def test_guidance_scale_multiplies_the_shift_and_is_validated():
+    from ldae.diffusion.pdae import check_guidance_scale, run_guidance_scale
+    from ldae.errors import ConfigError
+
+    unet, shift = _nets()
+    for p in shift.decoder.out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    sched = NoiseSchedule()
+    z = torch.randn(2, 3, 4, 6, 4)
+    t = torch.tensor([10, 700])
+    y = torch.randn(2, 5)
+    with torch.no_grad():
+        g = shift(unet.encode(z, t)[1], t, y)
+        k = (1 - sched.alphas_cumprod[t]).sqrt().float().reshape(-1, 1, 1, 1, 1)
+        expected = unet(z, t) - 2.5 * k * g
+    torch.testing.assert_close(guided_eps_fn(unet, shift, sched, y, 2.5)(z, t), expected)
+    # s = 1 is the paper's decoding, bit for bit
+    assert torch.equal(guided_eps_fn(unet, shift, sched, y, 1.0)(z, t), guided_eps_fn(unet, shift, sched, y)(z, t))
+    # the scale multiplies only the shift: ε̂(s) is affine in s, and without semantics it is ignored
+    e1, e3 = (guided_eps_fn(unet, shift, sched, y, s)(z, t) for s in (1.0, 3.0))
+    torch.testing.assert_close(guided_eps_fn(unet, shift, sched, y, 2.0)(z, t), (e1 + e3) / 2)
+    torch.testing.assert_close(guided_eps_fn(unet, None, sched, None, 4.0)(z, t), unet(z, t))
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ConfigError, match="expected a guidance scale > 0"):
+            check_guidance_scale(bad, "where")
+    assert run_guidance_scale({}, "c") == 1.0 and run_guidance_scale({"decoding": {"guidance_scale": None}}, "c") == 1.0
+    assert run_guidance_scale({"decoding": {"guidance_scale": 3}}, "c") == 3.0
+    with pytest.raises(ConfigError, match="run.ckpt: config key 'decoding.guidance_scale': expected"):
+        run_guidance_scale({"decoding": {"guidance_scale": -2}}, "run.ckpt")
+
+
 def test_gradients_reach_y_sem_and_not_the_frozen_unet():
     unet, shift = _nets()
     unet.requires_grad_(False)

@@ -126,6 +126,29 @@ def test_generate_and_semantic_only(model: LDAE, scans: torch.Tensor):
     assert (other - s).abs().max() > 1e-6
 
 
+def test_guidance_scale_comes_from_the_run_and_reaches_every_conditional_ddim(model: LDAE, scans: torch.Tensor,
+                                                                               tiny_run: Path):
+    from ldae.diffusion.ddim import ddim_invert, ddim_sample
+    from ldae.diffusion.pdae import guided_eps_fn
+
+    assert model.guidance_scale == 1.0  # the tiny fixture's config: the paper's decoding
+    strong = LDAE.load(tiny_run, steps=20, guidance_scale=3.0)
+    assert strong.guidance_scale == 3.0
+    x = scans[:1]
+    y = strong.semantic(x)
+    eps3 = guided_eps_fn(strong.unet, strong.shift, strong.schedule, y, 3.0)
+    # semantic-only and encoded reconstruction are the DDIM of ε̂ with the shift scaled by 3
+    z_T = strong._noise(1, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(strong.semantic_only(x, steps=5), strong.decompress(ddim_sample(eps3, z_T, strong.schedule, 5)))
+    z3 = ddim_invert(eps3, strong.compress(x), strong.schedule, 5)
+    torch.testing.assert_close(strong.encode(x, 5)[1], z3)
+    assert (strong.semantic_only(x, steps=5) - model.semantic_only(x, steps=5)).abs().max() > 1e-6
+    # LDDIM (no semantics) does not depend on it
+    torch.testing.assert_close(strong.encode(x, 5, semantic=False)[1], model.encode(x, 5, semantic=False)[1])
+    with pytest.raises(LDAEError, match="guidance_scale: expected a guidance scale > 0"):
+        LDAE.load(tiny_run, guidance_scale=0.0)
+
+
 def test_load_errors(tmp_path: Path, tiny_run: Path):
     with pytest.raises(CheckpointError, match="no representation checkpoint"):
         LDAE.load(tmp_path)
@@ -207,6 +230,19 @@ def test_bad_latent_readout_named_before_anything_is_read(bad) -> None:
     cfg["diffusion_checkpoint"], cfg["data"]["csv"] = "/nonexistent/best.ckpt", "/nonexistent.csv"
     cfg["loss"]["latent_readout"] = bad
     with pytest.raises(ConfigError, match=r"loss.latent_readout': expected a number >= 0, got "):
+        fit(cfg)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "x", float("inf")])
+def test_bad_guidance_scale_named_before_anything_is_read(bad) -> None:
+    from ldae.config import load_preset
+    from ldae.errors import ConfigError
+    from ldae.training.representation import fit
+
+    cfg = load_preset("tiny", "representation")
+    cfg["diffusion_checkpoint"], cfg["data"]["csv"] = "/nonexistent/best.ckpt", "/nonexistent.csv"
+    cfg["decoding"]["guidance_scale"] = bad
+    with pytest.raises(ConfigError, match=r"config key 'decoding.guidance_scale': expected a guidance scale > 0"):
         fit(cfg)
 
 

@@ -32,7 +32,7 @@ from ldae.checkpoints import (
 from ldae.data.transforms import ModelReadyInput
 from ldae.diffusion.ddim import ddim_sample, sampler_functions
 from ldae.diffusion.interpolation import slerp
-from ldae.diffusion.pdae import guided_eps_fn
+from ldae.diffusion.pdae import check_guidance_scale, guided_eps_fn, run_guidance_scale
 from ldae.errors import CheckpointError, LDAEError
 from ldae.nets.fast_conv import use_fast_conv3d
 from ldae.nets.weights import weights_fingerprint
@@ -68,6 +68,9 @@ class LDAE(ModelReadyInput):
     #: DDIM of encode/decode: "ldae" (default: reaches T−1 and the clean level, no clamp) or "official" (the
     #: published LDAE code's "ddimN", clamping ẑ_0 to [−1, 1]: :func:`ldae.diffusion.ddim.official_ddim_sample`)
     sampler: str = "ldae"
+    #: s in ε̂ = ε_θ − s √(1−ᾱ_t) G_ψ for every conditional DDIM of this model (:func:`guided_eps_fn`):
+    #: 1 = the paper's; the run's ``decoding.guidance_scale`` unless given to :meth:`load`
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # single scans (interpolation, manipulation, the CLI) through oneDNN, not ATen's slow_conv3d (issue 19)
@@ -78,7 +81,8 @@ class LDAE(ModelReadyInput):
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, run: str | Path, device: str | torch.device = "cpu", steps: int | None = None,
-             representation: StageCheckpoint | None = None, sampler: str = "ldae") -> LDAE:
+             representation: StageCheckpoint | None = None, sampler: str = "ldae",
+             guidance_scale: float | None = None) -> LDAE:
         """Load a trained LDAE from a full run folder (``RUN/{autoencoder,diffusion,representation}``), the
         representation stage folder (``RUN/representation``) or a representation checkpoint.
 
@@ -88,8 +92,12 @@ class LDAE(ModelReadyInput):
         (:mod:`ldae.checkpoints`), otherwise CheckpointError says which stage differs. ``representation``:
         the already opened representation checkpoint (read once by callers that need its metadata first).
         ``sampler``: the DDIM of :meth:`encode` / :meth:`decode_latent` (see the ``sampler`` attribute).
+        ``guidance_scale``: s of the conditional DDIM; None = the run's ``decoding.guidance_scale`` (1 in
+        runs written before it existed, and in imported official weights).
         """
         sampler_functions(sampler)  # a bad name fails before the (slow) load
+        if guidance_scale is not None:
+            check_guidance_scale(guidance_scale, "guidance_scale")
         from ldae.runs import find_checkpoint
 
         rep = representation or open_checkpoint(find_checkpoint(run, "representation"), "representation")
@@ -110,6 +118,8 @@ class LDAE(ModelReadyInput):
             mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device)
             std = torch.tensor(stats["std"], dtype=torch.float32, device=device)
         default_steps = int(rep.config.get("validation", {}).get("ddim_steps", 50))
+        if guidance_scale is None:
+            guidance_scale = run_guidance_scale(rep.config, str(rep.path))
         return cls(
             autoencoder=ae.net,
             unet=ldm.unet,
@@ -129,6 +139,7 @@ class LDAE(ModelReadyInput):
             fingerprints=fingerprints,
             ysem_problem=ysem_problem,
             sampler=sampler,
+            guidance_scale=float(guidance_scale),
         )
 
     @property
@@ -162,7 +173,7 @@ class LDAE(ModelReadyInput):
         ``semantic=False`` inverts with the unconditional model (LDDIM) and returns ``(None, z_T)``."""
         z0 = self.compress(x)
         y = self.semantic(x) if semantic else None
-        eps_fn = guided_eps_fn(self.unet, self.shift if semantic else None, self.schedule, y)
+        eps_fn = guided_eps_fn(self.unet, self.shift if semantic else None, self.schedule, y, self.guidance_scale)
         invert = sampler_functions(self.sampler)[1]
         return y, invert(eps_fn, z0, self.schedule, self._steps(steps))
 
@@ -170,7 +181,8 @@ class LDAE(ModelReadyInput):
     def decode_latent(self, y_sem: Tensor | None, z_T: Tensor, steps: int | None = None, eta: float = 0.0,
                       generator: torch.Generator | None = None) -> Tensor:
         """Scaled clean latents by conditional DDIM sampling from ``z_T`` (unconditional when ``y_sem`` is None)."""
-        eps_fn = guided_eps_fn(self.unet, self.shift if y_sem is not None else None, self.schedule, y_sem)
+        eps_fn = guided_eps_fn(self.unet, self.shift if y_sem is not None else None, self.schedule, y_sem,
+                               self.guidance_scale)
         if self.sampler == "official":
             if eta:
                 raise LDAEError(f"the official DDIM sampler is deterministic: eta must be 0, got {eta}")

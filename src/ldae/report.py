@@ -135,9 +135,13 @@ def _recon_rows(recon: dict) -> list[list[Any]]:
         rows.append(["AutoencoderKL", "—", ae["ssim"], ae["mse"], ae["psnr"], ae["lpips"], ae["seconds_per_scan"]])
     names = {"lddim_encoded": "LDDIM encoded", "ldae_encoded": "LDAE encoded", "ldae_semantic": "LDAE semantic-only",
              "ldae_semantic_other": "… with another subject's y_sem (control)"}
+    other_ae = recon.get("autoencoder_other")
     for key, label in names.items():
         for steps, m in recon.get(key, {}).items():
             rows.append([label, steps, m["ssim"], m["mse"], m["psnr"], m["lpips"], m["seconds_per_scan"]])
+    if other_ae:
+        rows.append(["AutoencoderKL of the other subject's scan (reference: own − other at most AE − this)", "—",
+                     other_ae["ssim"], other_ae["mse"], other_ae["psnr"], other_ae["lpips"], other_ae["seconds_per_scan"]])
     return rows
 
 
@@ -244,7 +248,8 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     parts.append("<h2>Reconstruction</h2>")
     parts.append(_table(["method", "DDIM steps", "SSIM", "MSE", "PSNR", "LPIPS", "s / scan"], _recon_rows(recon), 4))
     parts.append(f'<p class="muted">{html.escape(str(metrics.get("reconstruction_note", "")))}; LPIPS: '
-                 f'{html.escape(str(metrics.get("lpips_status", "")))}</p>')
+                 f'{html.escape(str(metrics.get("lpips_status", "")))}; conditional DDIM guidance scale s = '
+                 f'{_fmt(metrics.get("guidance_scale", 1.0))} (ε̂ = ε_θ − s·√(1−ᾱ_t)·G_ψ; 1 = the paper\'s)</p>')
     parts.append(_img(_latest(stage_dir(run, "autoencoder") / "figures", "*.png"), "autoencoder: input / reconstruction / |error| (last validation)"))
     parts.append(_img(_latest(stage_dir(run, "representation") / "figures", "recon_epoch*.png"),
                       "LDAE: input, autoencoder, semantic-only, encoded reconstructions (last validation)"))

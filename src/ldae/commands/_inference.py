@@ -31,6 +31,9 @@ def add_common(p: argparse.ArgumentParser, scans: str = "+") -> None:
                    help="DDIM: ldae's (default; reaches t=T-1 and the clean level, no clamp) or the published "
                         "LDAE code's 'ddimN' (its timesteps, predicted latents clamped to [-1, 1]), to compare "
                         "results one to one with it")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="s in eps = eps_theta - s*sqrt(1-abar_t)*G_psi for the conditional DDIM (default: the run's "
+                        "decoding.guidance_scale; 1 = the paper's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     if batch:
         add_parallel_arguments(p)
@@ -68,13 +71,18 @@ def load(args: argparse.Namespace):
 
     if args.steps is not None and args.steps < 1:
         raise LDAEError(f"--steps must be a positive number of DDIM steps, got {args.steps}")
+    scale = getattr(args, "guidance_scale", None)
+    if scale is not None:
+        from ldae.diffusion.pdae import check_guidance_scale
+
+        check_guidance_scale(scale, "--guidance-scale")
     check_output_folder(args.out)  # before any computation; nothing is created
     scans = scan_list(args)
     for _, path in scans:  # exists, not a folder, a readable 3D NIfTI: before the (slow) model load
         header_geometry(path)
     workers = launch(args.device, getattr(args, "devices", 1), getattr(args, "num_nodes", 1))
     model = workers.together(LDAE.load, args.model, device=workers.device, steps=args.steps,
-                             sampler=getattr(args, "sampler", "ldae"))
+                             sampler=getattr(args, "sampler", "ldae"), guidance_scale=scale)
     T = int(model.schedule.T)
     if args.steps is not None and args.steps > T:
         raise LDAEError(f"--steps must be between 1 and {T} (the run's diffusion timesteps), got {args.steps}")

@@ -7,7 +7,12 @@ derivations): with ε_θ the frozen unconditional model and G_ψ the gradient es
 
 Inference (DDIM, classifier-guidance form, G_ψ ≈ ∇ log p(y | z_t)):
 
-    ε̂ = ε_θ(z_t, t) − √(1−ᾱ_t) · G_ψ(z_t, y, t)
+    ε̂ = ε_θ(z_t, t) − s · √(1−ᾱ_t) · G_ψ(z_t, y, t)
+
+with the guidance scale s = 1 in the paper. s > 1 samples from p(z) p(y | z)^s (the classifier scale of
+Dhariwal & Nichol 2021, §4.3): an L2-trained G_ψ estimates the *average* shift over the scans that share
+a code and so under-states it wherever y_sem leaves the scan uncertain (high noise); s compensates, at the
+price of a decoding that departs further from the unconditional model's.
 
 Both use ONE encoder pass of the frozen UNet per evaluation; its skips feed the UNet's own decoder and
 the shift decoder.
@@ -71,18 +76,39 @@ def pdae_loss(
     return (lam * per_sample).mean()
 
 
+def check_guidance_scale(scale: object, where: str) -> float:
+    """``scale`` as a float; ConfigError naming ``where`` unless it is a finite number > 0."""
+    import math
+
+    from ldae.errors import ConfigError
+
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ConfigError(f"{where}: expected a guidance scale > 0 (1 = the paper's decoding), got {scale!r}")
+    return float(scale)
+
+
+def run_guidance_scale(cfg: dict, source: str) -> float:
+    """A stage-3 config's ``decoding.guidance_scale`` (1 when absent: runs written before it existed);
+    ConfigError naming ``source`` when it is not a number > 0."""
+    value = (cfg.get("decoding") or {}).get("guidance_scale", 1.0)
+    return check_guidance_scale(1.0 if value is None else value, f"{source}: config key 'decoding.guidance_scale'")
+
+
 def guided_eps_fn(
-    unet: LatentUNet, shift: ShiftDecoder | None, schedule: NoiseSchedule, y_sem: Tensor | None
+    unet: LatentUNet, shift: ShiftDecoder | None, schedule: NoiseSchedule, y_sem: Tensor | None,
+    scale: float = 1.0,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """``eps_fn(z_t, t)`` for DDIM sampling/inversion: ε̂ = ε_θ − √(1−ᾱ_t) G_ψ(·, y_sem); the plain
-    ε_θ when ``shift`` or ``y_sem`` is None (LDDIM, no semantics)."""
+    """``eps_fn(z_t, t)`` for DDIM sampling/inversion: ε̂ = ε_θ − s √(1−ᾱ_t) G_ψ(·, y_sem) with the
+    guidance scale s = ``scale`` (1: the paper's); the plain ε_θ when ``shift`` or ``y_sem`` is None
+    (LDDIM, no semantics)."""
+    scale = check_guidance_scale(scale, "guidance scale")
 
     @torch.no_grad()
     def eps_fn(z_t: Tensor, t: Tensor) -> Tensor:
         if shift is None or y_sem is None:
             return unet(z_t, t)
         eps, g = unet_and_shift(unet, shift, z_t, t, y_sem)
-        scale = (1.0 - schedule.gather(schedule.alphas_cumprod, t, like=z_t)).sqrt()
-        return eps - scale * g
+        k = (1.0 - schedule.gather(schedule.alphas_cumprod, t, like=z_t)).sqrt()
+        return eps - (scale * k) * g
 
     return eps_fn

@@ -75,7 +75,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     seed, bs, device = int(cfg.get("seed", 0)), int(cfg["batch_size"]), resolve_device(str(cfg.get("device", "auto")))
-    model = LDAE.load(run, device=device, representation=rep)
+    model = LDAE.load(run, device=device, representation=rep, guidance_scale=cfg.get("guidance_scale"))
     df = ensure_split(read_cohort(csv), seed=seed)
     scans = ScanCache(df, model.spacing, model.shape, device)
     all_rows = df.index.tolist()
@@ -165,7 +165,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     # ---- baselines
     baselines = baselines_section(run, scans, df, cfg, bs, seed) if cfg["baselines"]["enabled"] else {}
     result = EvaluationResult(CohortInfo(str(csv), len(df), len(test_rows)), timings, probes, factors, recon,
-                              interp, man, baselines, diagnostics)
+                              interp, man, baselines, diagnostics, guidance_scale=model.guidance_scale)
     return write_json(out / "metrics.json", result.to_json())
 
 

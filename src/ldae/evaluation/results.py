@@ -493,10 +493,13 @@ class EvaluationResult:
     manipulation: ManipulationSection
     baselines: dict[str, BaselineResult | None]
     diagnostics: DiagnosticsSection | None = None
+    #: s of every conditional DDIM the evaluation ran (:func:`ldae.diffusion.pdae.guided_eps_fn`)
+    guidance_scale: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "cohort": self.cohort.to_json(),
+            "guidance_scale": float(self.guidance_scale),
             "timings_s": dict(self.timings_s),
             "probe": self.probe.to_json(),
             "factors": self.factors.to_json(),

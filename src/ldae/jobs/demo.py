@@ -149,8 +149,12 @@ def representation_aims(metrics: dict, aims: dict) -> list[dict[str, Any]]:
     if limit is not None and both:
         s = both[-1]
         diff = own[s]["ssim"] - other[s]["ssim"]
-        out.append({"aim": f"semantic-only SSIM ({s} steps), own y_sem minus another subject's, "
-                           f"at least {limit:g}", "value": float(diff), "met": bool(diff >= float(limit))})
+        ae, ae_other = recon.get("autoencoder") or {}, recon.get("autoencoder_other") or {}
+        bound = (f"; at most {ae['ssim'] - ae_other['ssim']:.3f} (autoencoder of the scan minus of the other "
+                 "subject's)" if "ssim" in ae and "ssim" in ae_other else "")
+        scale = float(metrics.get("guidance_scale", 1.0))
+        out.append({"aim": f"semantic-only SSIM ({s} steps, guidance scale {scale:g}), own y_sem minus another "
+                           f"subject's, at least {limit:g}{bound}", "value": float(diff), "met": bool(diff >= float(limit))})
     ldae, lddim = recon.get("ldae_encoded") or {}, recon.get("lddim_encoded") or {}
     for steps in aims.get("ldae_beats_lddim_at_steps") or []:
         s = str(steps)

@@ -39,7 +39,7 @@ from ldae.checkpoints import (
 from ldae.config import get_dotted
 from ldae.data.latents import read_latent_meta
 from ldae.diffusion.ddim import ddim_invert, ddim_sample
-from ldae.diffusion.pdae import guided_eps_fn, pdae_loss
+from ldae.diffusion.pdae import guided_eps_fn, pdae_loss, run_guidance_scale
 from ldae.distributed import is_main_process
 from ldae.errors import CheckpointError, ConfigError
 from ldae.io import write_json
@@ -159,7 +159,8 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
             pdae_loss(self.unet, self.ema_shift.module, self.schedule, z0, y, self.gamma, gen).reshape(1)
         )
         steps = int(self.cfg["validation"]["ddim_steps"])
-        eps_fn = guided_eps_fn(self.unet, self.ema_shift.module, self.schedule, y)
+        eps_fn = guided_eps_fn(self.unet, self.ema_shift.module, self.schedule, y,
+                               run_guidance_scale(self.cfg, "representation config"))
         z_T = torch.randn(z0.shape, generator=gen).to(z0)
         semantic = ddim_sample(eps_fn, z_T, self.schedule, steps)
         encoded = ddim_sample(eps_fn, ddim_invert(eps_fn, z0, self.schedule, steps), self.schedule, steps)
@@ -230,6 +231,7 @@ def _validate(cfg: dict) -> None:
         readout = 0.0
     if isinstance(readout, bool) or not isinstance(readout, (int, float)) or not math.isfinite(readout) or readout < 0:
         raise ConfigError(f"config key 'loss.latent_readout': expected a number >= 0, got {readout!r}")
+    run_guidance_scale(cfg, "representation config")
 
 
 def _image_geometry(module: RepresentationModule) -> tuple[Any, list[int]]:

@@ -2,7 +2,9 @@
 
 AutoencoderKL, LDDIM encoded (DDIM inversion without semantics), LDAE encoded, LDAE semantic-only
 (random z_T) at each DDIM step count, and its control with another subject's y_sem (same z_T, largest step
-count); SSIM (3D Gaussian σ=1.5, data range 1), MSE, PSNR against the input scan, LPIPS when local
+count), and the autoencoder's reconstruction of that other subject's scan: what a decoding that reproduced
+the other subject perfectly would score against this scan, so ``autoencoder − autoencoder_other`` bounds
+what the semantic-only own − other gap can reach on the cohort; SSIM (3D Gaussian σ=1.5, data range 1), MSE, PSNR against the input scan, LPIPS when local
 perceptual weights exist (else ``None`` with the reason), seconds per scan.
 """
 
@@ -69,6 +71,8 @@ def reconstruction_section(model: Any, scans: ScanCache, test_rows: list[int], s
             return model.semantic_only(x, top, seed=seed, y_sem=model.semantic(scans.batch([donor[r] for r in rows])))
 
         score_method("ldae_semantic_other", top, with_other_y)
+        score_method("autoencoder_other", None,
+                     lambda x, rows: model.decompress(model.compress(scans.batch([donor[r] for r in rows]))))
     return ReconstructionSection(rows, pd.DataFrame.from_records(records), lpips_status)
 
 
