@@ -126,25 +126,35 @@ def test_generate_and_semantic_only(model: LDAE, scans: torch.Tensor):
     assert (other - s).abs().max() > 1e-6
 
 
-def test_guidance_scale_comes_from_the_run_and_reaches_every_conditional_ddim(model: LDAE, scans: torch.Tensor,
+def test_guidance_scale_comes_from_the_run_and_scales_the_decodings_from_random_z_T(model: LDAE, scans: torch.Tensor,
                                                                                tiny_run: Path):
     from ldae.diffusion.ddim import ddim_invert, ddim_sample
     from ldae.diffusion.pdae import guided_eps_fn
 
-    assert model.guidance_scale == 1.0  # the tiny fixture's config: the paper's decoding
+    from ldae.checkpoints import open_checkpoint
+    from ldae.diffusion.pdae import run_guidance_scale
+    from ldae.runs import find_checkpoint
+
+    rep = open_checkpoint(find_checkpoint(tiny_run, "representation"), "representation")
+    assert model.guidance_scale == run_guidance_scale(rep.config, "run")  # the run's decoding.guidance_scale
     strong = LDAE.load(tiny_run, steps=20, guidance_scale=3.0)
-    assert strong.guidance_scale == 3.0
+    paper = LDAE.load(tiny_run, steps=20, guidance_scale=1.0)
+    assert strong.guidance_scale == 3.0 and paper.guidance_scale == 1.0
     x = scans[:1]
     y = strong.semantic(x)
     eps3 = guided_eps_fn(strong.unet, strong.shift, strong.schedule, y, 3.0)
-    # semantic-only and encoded reconstruction are the DDIM of ε̂ with the shift scaled by 3
+    # decodings from a random z_T are the DDIM of ε̂ with the shift scaled by 3
     z_T = strong._noise(1, torch.Generator().manual_seed(0))
     torch.testing.assert_close(strong.semantic_only(x, steps=5), strong.decompress(ddim_sample(eps3, z_T, strong.schedule, 5)))
-    z3 = ddim_invert(eps3, strong.compress(x), strong.schedule, 5)
-    torch.testing.assert_close(strong.encode(x, 5)[1], z3)
-    assert (strong.semantic_only(x, steps=5) - model.semantic_only(x, steps=5)).abs().max() > 1e-6
-    # LDDIM (no semantics) does not depend on it
-    torch.testing.assert_close(strong.encode(x, 5, semantic=False)[1], model.encode(x, 5, semantic=False)[1])
+    torch.testing.assert_close(strong.variations(x, 1, steps=5)[0], strong.semantic_only(x, steps=5))
+    torch.testing.assert_close(strong.generate(1, steps=5, y_sem=y), strong.semantic_only(x, steps=5))
+    assert (strong.semantic_only(x, steps=5) - paper.semantic_only(x, steps=5)).abs().max() > 1e-6
+    # decodings of an inverted z_T keep the paper's s = 1 whatever the model's scale
+    z_inv = ddim_invert(guided_eps_fn(strong.unet, strong.shift, strong.schedule, y), strong.compress(x), strong.schedule, 5)
+    assert torch.equal(strong.encode(x, 5)[1], z_inv) and torch.equal(strong.encode(x, 5)[1], paper.encode(x, 5)[1])
+    assert torch.equal(strong.reconstruct(x, 5), paper.reconstruct(x, 5))
+    torch.testing.assert_close(strong.decode(y, z_inv, 5, guidance_scale=3.0),
+                               strong.decompress(ddim_sample(eps3, z_inv, strong.schedule, 5)))
     with pytest.raises(LDAEError, match="guidance_scale: expected a guidance scale > 0"):
         LDAE.load(tiny_run, guidance_scale=0.0)
 

@@ -77,8 +77,8 @@ def test_steps_zero_is_refused_like_negative(steps: str, run6: Path, tmp_path: P
 
 @pytest.mark.parametrize("scale", ["0", "-1", "nan"])
 def test_guidance_scale_must_be_positive(scale: str, run6: Path, tmp_path: Path, capsys):
-    line = one_error_line(capsys, "reconstruct", main(["reconstruct", "--model", str(run6), str(_scan(run6)),
-                                                      "--guidance-scale", scale, "--out", str(tmp_path / "o")]))
+    line = one_error_line(capsys, "variations", main(["variations", "--model", str(run6), str(_scan(run6)),
+                                                     "--guidance-scale", scale, "--out", str(tmp_path / "o")]))
     assert f"--guidance-scale: expected a guidance scale > 0 (1 = the paper's decoding), got {float(scale)}" in line
     assert not (tmp_path / "o").exists()
 

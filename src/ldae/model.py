@@ -68,8 +68,12 @@ class LDAE(ModelReadyInput):
     #: DDIM of encode/decode: "ldae" (default: reaches T−1 and the clean level, no clamp) or "official" (the
     #: published LDAE code's "ddimN", clamping ẑ_0 to [−1, 1]: :func:`ldae.diffusion.ddim.official_ddim_sample`)
     sampler: str = "ldae"
-    #: s in ε̂ = ε_θ − s √(1−ᾱ_t) G_ψ for every conditional DDIM of this model (:func:`guided_eps_fn`):
-    #: 1 = the paper's; the run's ``decoding.guidance_scale`` unless given to :meth:`load`
+    #: s in ε̂ = ε_θ − s √(1−ᾱ_t) G_ψ (:func:`guided_eps_fn`) for decodings that start from a *random* z_T
+    #: (:meth:`semantic_only`, :meth:`variations`): there y_sem alone must carry the scan, and an L2-trained
+    #: G_ψ under-states its shift. Decodings of an *inverted* z_T (:meth:`encode` / :meth:`decode`,
+    #: reconstruction, interpolation, manipulation) keep the paper's s = 1: z_T already holds the scan, and a
+    #: larger s only stiffens the ODE (measured: lower SSIM at 10–20 steps; README "Stage-3 levers").
+    #: The run's ``decoding.guidance_scale`` unless given to :meth:`load`; 1 = the paper's
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -173,16 +177,17 @@ class LDAE(ModelReadyInput):
         ``semantic=False`` inverts with the unconditional model (LDDIM) and returns ``(None, z_T)``."""
         z0 = self.compress(x)
         y = self.semantic(x) if semantic else None
-        eps_fn = guided_eps_fn(self.unet, self.shift if semantic else None, self.schedule, y, self.guidance_scale)
+        eps_fn = guided_eps_fn(self.unet, self.shift if semantic else None, self.schedule, y)
         invert = sampler_functions(self.sampler)[1]
         return y, invert(eps_fn, z0, self.schedule, self._steps(steps))
 
     @torch.no_grad()
     def decode_latent(self, y_sem: Tensor | None, z_T: Tensor, steps: int | None = None, eta: float = 0.0,
-                      generator: torch.Generator | None = None) -> Tensor:
-        """Scaled clean latents by conditional DDIM sampling from ``z_T`` (unconditional when ``y_sem`` is None)."""
+                      generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> Tensor:
+        """Scaled clean latents by conditional DDIM sampling from ``z_T`` (unconditional when ``y_sem`` is None),
+        the shift scaled by ``guidance_scale`` (1: the paper's; see the ``guidance_scale`` attribute)."""
         eps_fn = guided_eps_fn(self.unet, self.shift if y_sem is not None else None, self.schedule, y_sem,
-                               self.guidance_scale)
+                               guidance_scale)
         if self.sampler == "official":
             if eta:
                 raise LDAEError(f"the official DDIM sampler is deterministic: eta must be 0, got {eta}")
@@ -190,9 +195,10 @@ class LDAE(ModelReadyInput):
         return ddim_sample(eps_fn, z_T.to(self.device), self.schedule, self._steps(steps), eta=eta, generator=generator)
 
     @torch.no_grad()
-    def decode(self, y_sem: Tensor | None, z_T: Tensor, steps: int | None = None, eta: float = 0.0) -> Tensor:
-        """Volumes in [0, 1] decoded from ``(y_sem, z_T)``."""
-        return self.decompress(self.decode_latent(y_sem, z_T, steps, eta))
+    def decode(self, y_sem: Tensor | None, z_T: Tensor, steps: int | None = None, eta: float = 0.0,
+               guidance_scale: float = 1.0) -> Tensor:
+        """Volumes in [0, 1] decoded from ``(y_sem, z_T)`` (``guidance_scale``: see :meth:`decode_latent`)."""
+        return self.decompress(self.decode_latent(y_sem, z_T, steps, eta, guidance_scale=guidance_scale))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, steps: int | None = None) -> Tensor:
@@ -206,18 +212,21 @@ class LDAE(ModelReadyInput):
 
     @torch.no_grad()
     def semantic_only(self, x: Tensor, steps: int | None = None, seed: int = 0, y_sem: Tensor | None = None) -> Tensor:
-        """Decode y_sem of ``x`` from random z_T (what the semantic vector alone determines). With ``y_sem``
-        given, decode that instead from the same z_T (e.g. another subject's code, as a control)."""
+        """Decode y_sem of ``x`` from random z_T (what the semantic vector alone determines), at the model's
+        ``guidance_scale``. With ``y_sem`` given, decode that instead from the same z_T (e.g. another subject's
+        code, as a control)."""
         y = self.semantic(x) if y_sem is None else y_sem.to(self.device)
         gen = torch.Generator().manual_seed(int(seed))
-        return self.decode(y, self._noise(x.shape[0], gen), steps)
+        return self.decode(y, self._noise(x.shape[0], gen), steps, guidance_scale=self.guidance_scale)
 
     @torch.no_grad()
     def variations(self, x: Tensor, n: int, steps: int | None = None, seed: int = 0) -> Tensor:
-        """``n`` stochastic variations per input: fixed y_sem, new z_T. Returns ``(n, B, 1, D, H, W)``."""
+        """``n`` stochastic variations per input: fixed y_sem, new z_T, at the model's ``guidance_scale``.
+        Returns ``(n, B, 1, D, H, W)``."""
         y = self.semantic(x)
         gen = torch.Generator().manual_seed(int(seed))
-        return torch.stack([self.decode(y, self._noise(x.shape[0], gen), steps) for _ in range(int(n))])
+        return torch.stack([self.decode(y, self._noise(x.shape[0], gen), steps, guidance_scale=self.guidance_scale)
+                            for _ in range(int(n))])
 
     @torch.no_grad()
     def interpolate(self, x1: Tensor, x2: Tensor, ts: Sequence[float], steps: int | None = None) -> Tensor:
@@ -259,12 +268,12 @@ class LDAE(ModelReadyInput):
     @torch.no_grad()
     def generate(self, n: int, steps: int | None = None, seed: int = 0, y_sem: Tensor | None = None) -> Tensor:
         """``n`` volumes from random z_T: unconditional (the latent DDPM) or, with ``y_sem`` ``(1|n, d)``,
-        conditioned on it."""
+        conditioned on it at the model's ``guidance_scale``."""
         gen = torch.Generator().manual_seed(int(seed))
         z_T = self._noise(int(n), gen)
         if y_sem is not None:
             y_sem = y_sem.to(self.device).expand(int(n), -1)
-        return self.decode(y_sem, z_T, steps)
+        return self.decode(y_sem, z_T, steps, guidance_scale=self.guidance_scale)
 
 
 

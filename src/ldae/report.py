@@ -248,8 +248,9 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     parts.append("<h2>Reconstruction</h2>")
     parts.append(_table(["method", "DDIM steps", "SSIM", "MSE", "PSNR", "LPIPS", "s / scan"], _recon_rows(recon), 4))
     parts.append(f'<p class="muted">{html.escape(str(metrics.get("reconstruction_note", "")))}; LPIPS: '
-                 f'{html.escape(str(metrics.get("lpips_status", "")))}; conditional DDIM guidance scale s = '
-                 f'{_fmt(metrics.get("guidance_scale", 1.0))} (ε̂ = ε_θ − s·√(1−ᾱ_t)·G_ψ; 1 = the paper\'s)</p>')
+                 f'{html.escape(str(metrics.get("lpips_status", "")))}; semantic-only decodings (random z_T) at guidance '
+                 f'scale s = {_fmt(metrics.get("guidance_scale", 1.0))} (ε̂ = ε_θ − s·√(1−ᾱ_t)·G_ψ; 1 = the paper\'s), '
+                 'decodings of an inverted z_T at s = 1</p>')
     parts.append(_img(_latest(stage_dir(run, "autoencoder") / "figures", "*.png"), "autoencoder: input / reconstruction / |error| (last validation)"))
     parts.append(_img(_latest(stage_dir(run, "representation") / "figures", "recon_epoch*.png"),
                       "LDAE: input, autoencoder, semantic-only, encoded reconstructions (last validation)"))

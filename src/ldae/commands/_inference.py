@@ -31,9 +31,6 @@ def add_common(p: argparse.ArgumentParser, scans: str = "+") -> None:
                    help="DDIM: ldae's (default; reaches t=T-1 and the clean level, no clamp) or the published "
                         "LDAE code's 'ddimN' (its timesteps, predicted latents clamped to [-1, 1]), to compare "
                         "results one to one with it")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="s in eps = eps_theta - s*sqrt(1-abar_t)*G_psi for the conditional DDIM (default: the run's "
-                        "decoding.guidance_scale; 1 = the paper's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     if batch:
         add_parallel_arguments(p)

@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _inference.add_common(p)
     p.add_argument("--n", type=int, default=4, help="variations per scan")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="s in eps = eps_theta - s*sqrt(1-abar_t)*G_psi when decoding from random z_T (default: the "
+                        "run's decoding.guidance_scale; 1 = the paper's)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -493,7 +493,7 @@ class EvaluationResult:
     manipulation: ManipulationSection
     baselines: dict[str, BaselineResult | None]
     diagnostics: DiagnosticsSection | None = None
-    #: s of every conditional DDIM the evaluation ran (:func:`ldae.diffusion.pdae.guided_eps_fn`)
+    #: s of the evaluation's decodings from a random z_T (:attr:`ldae.model.LDAE.guidance_scale`)
     guidance_scale: float = 1.0
 
     def to_json(self) -> dict[str, Any]:

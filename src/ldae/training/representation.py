@@ -159,10 +159,12 @@ class RepresentationModule(EMAStepMixin, pl.LightningModule):
             pdae_loss(self.unet, self.ema_shift.module, self.schedule, z0, y, self.gamma, gen).reshape(1)
         )
         steps = int(self.cfg["validation"]["ddim_steps"])
-        eps_fn = guided_eps_fn(self.unet, self.ema_shift.module, self.schedule, y,
-                               run_guidance_scale(self.cfg, "representation config"))
+        eps_fn = guided_eps_fn(self.unet, self.ema_shift.module, self.schedule, y)
+        # semantic-only (random z_T) at the run's guidance scale, as LDAE.semantic_only decodes it
+        sampling_fn = guided_eps_fn(self.unet, self.ema_shift.module, self.schedule, y,
+                                    run_guidance_scale(self.cfg, "representation config"))
         z_T = torch.randn(z0.shape, generator=gen).to(z0)
-        semantic = ddim_sample(eps_fn, z_T, self.schedule, steps)
+        semantic = ddim_sample(sampling_fn, z_T, self.schedule, steps)
         encoded = ddim_sample(eps_fn, ddim_invert(eps_fn, z0, self.schedule, steps), self.schedule, steps)
         ae = self.autoencoder()
         target = ae.decode(z0 / self.scale_factor).clamp(0, 1)
