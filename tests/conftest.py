@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# ITK fixes its thread count when ``ants`` is first imported; tests import it directly (importorskip) before
+# ldae.data.ants.require_ants can set its repeatable default of one thread, so set it here as ldae would
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

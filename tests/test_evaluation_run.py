@@ -80,7 +80,11 @@ def test_metrics_schema(evaluation: Path):
         for region, c in checks[arm].items():
             change = m["manipulation"][arm]["2"][f"{region}_change_pct"]
             assert c["change_pct"] == pytest.approx([0.0, change])
-            assert c["passed"] == (c["signed"] and c["monotonic"] and c["large_enough"] is True)
+            assert c["passed"] == (c["signed"] and c["monotonic"] and c["large_enough"] is True
+                                   and c["clears_noise"] is not False)
+            # each decoding measured under the preset's 3 ANTs seeds: the change's noise SE is known
+            assert c["noise_se_pct"] is not None and c["noise_se_pct"] >= 0
+            assert c["clears_noise"] == (abs(change) >= checks["noise_multiple"] * c["noise_se_pct"])
     for png in ("lda.png", "variations.png", "interpolation_strip.png", "interpolation.png",
                 "manipulation_ad_to_cn.png", "manipulation_volumes.png"):
         assert (evaluation / png).stat().st_size > 1000, png

@@ -226,6 +226,85 @@ def test_manipulation_section_judges_a_stub_model(tmp_path: Path, k: float, pass
     assert (tmp_path / "manipulation_cn_to_ad.csv").is_file() and (tmp_path / "manipulation_ad_to_cn.png").is_file()
 
 
+def _with_noise(table: pd.DataFrame, sd_pct: float, seeds: int = 3) -> pd.DataFrame:
+    """``table`` with every image's volume measured under ``seeds`` seeds with an SD of ``sd_pct`` % of it."""
+    out = table.copy()
+    for r in ("ventricle", "hippocampus"):
+        out[f"{r}_sd"] = out[r] * sd_pct / 100
+    out["seeds"] = seeds
+    return out
+
+
+def test_change_standard_error_matches_the_closed_form() -> None:
+    from ldae.evaluation.sections.manipulation import change_standard_error
+
+    table = _with_noise(_volumes(5.0, -2.0, n=4), sd_pct=2.0, seeds=3)
+    # per scan: var = (sd_last² + sd_0²) / (k v_0²) in %²; v_last = v_0 (1 + 0.15) for the ventricles
+    per_scan = 2.0**2 * (1.15**2 + 1.0) / 3
+    assert change_standard_error(table, ALPHAS, "ventricle") == pytest.approx(np.sqrt(4 * per_scan) / 4)
+    assert change_standard_error(table.drop(columns=["seeds"]), ALPHAS, "ventricle") is None
+    assert change_standard_error(_with_noise(_volumes(5.0, -2.0), 2.0, seeds=1), ALPHAS, "ventricle") is None
+
+
+def test_check_fails_a_change_inside_the_volumetry_noise() -> None:
+    """15 % ventricle growth and 6 % hippocampal loss at α = 3 (enough of the gap): measured with 1 % noise both
+    clear 2 SE; with a 10 % SD per measurement (SE of the mean change ≈ 10 % · √(0.94² + 1) / √3 / √3 ≈ 4.6 %)
+    the 6 % does not, the 15 % still does."""
+    from ldae.evaluation.sections.manipulation import check_arm
+
+    quiet = check_arm(_with_noise(_volumes(5.0, -2.0), 1.0), ALPHAS, "cn_to_ad", GAP_CN_TO_AD)
+    assert all(c.passed and c.clears_noise for c in quiet.values())
+    assert quiet["ventricle"].noise_se_pct == pytest.approx(np.sqrt(3 * (1.15**2 + 1) / 3) / 3)
+    noisy = check_arm(_with_noise(_volumes(5.0, -2.0), 10.0), ALPHAS, "cn_to_ad", GAP_CN_TO_AD)
+    h = noisy["hippocampus"]
+    assert h.signed and h.monotonic and h.large_enough and h.clears_noise is False and not h.passed
+    assert "within 2 SE" in h.reason and "volumetry's own noise" in h.reason
+    assert h.noise_se_pct == pytest.approx(10 * np.sqrt(0.94**2 + 1) / 3) and noisy["ventricle"].passed
+    # a stricter multiple fails the quiet run too; no seeds column: noise unknown, not a failure
+    strict = check_arm(_with_noise(_volumes(5.0, -2.0), 1.0), ALPHAS, "cn_to_ad", GAP_CN_TO_AD, noise_multiple=20)
+    assert not strict["hippocampus"].passed
+    plain = check_arm(_volumes(5.0, -2.0), ALPHAS, "cn_to_ad", GAP_CN_TO_AD)["ventricle"]
+    assert plain.passed and plain.clears_noise is None and plain.noise_se_pct is None
+
+
+def test_manipulation_config_errors_are_caught_before_decoding() -> None:
+    from ldae.errors import ConfigError
+    from ldae.evaluation.sections.manipulation import check_manipulation_config
+
+    check_manipulation_config({"volumetry_seeds": [1, 2], "noise_multiple": 2.0})
+    for bad, match in (({"volumetry_seeds": [0, 1]}, "volumetry_seeds.*'seed from the clock'"),
+                       ({"volumetry_seeds": [1, 1]}, "distinct"), ({"volumetry_seeds": []}, "volumetry_seeds"),
+                       ({"noise_multiple": -1}, "noise_multiple"), ({"min_gap_fraction": float("nan")}, "min_gap"),
+                       ({"volumetry": {"seed": 0}}, "volumetry.seed")):
+        with pytest.raises(ConfigError, match=match):
+            check_manipulation_config(bad)
+
+
+def test_manipulation_section_measures_the_noise_with_the_stub(tmp_path: Path) -> None:
+    """A stub volumetry that reports a per-image SD over its seeds: a model whose changes are real but small
+    against that SD fails on noise alone, the same model measured precisely passes."""
+    from ldae.evaluation.sections.manipulation import manipulation_section
+
+    df, scans = _manipulation_cohort()
+    mcfg = {"alphas": ALPHAS, "max_scans": 2, "steps": 2, "min_gap_fraction": 0.25}
+
+    def measure(sd_pct):
+        def f(items):
+            return [{**m, "ventricle_ml_sd": m["ventricle_ml"] * sd_pct / 100,
+                     "hippocampus_ml_sd": m["hippocampus_ml"] * sd_pct / 100, "seeds": [1, 2, 3]}
+                    for m in _stub_measure(items)]
+        return f
+
+    precise = manipulation_section(_ShrinkingVentricles(0.05), scans, df, np.ones(4), mcfg, tmp_path,
+                                   measure=measure(0.5)).to_json()["checks"]
+    assert precise["passed"] and precise["noise_multiple"] == 2.0
+    noisy = manipulation_section(_ShrinkingVentricles(0.05), scans, df, np.ones(4), mcfg, tmp_path,
+                                 measure=measure(40.0)).to_json()["checks"]
+    assert not noisy["passed"] and noisy["cn_to_ad"]["ventricle"]["clears_noise"] is False
+    table = pd.read_csv(tmp_path / "manipulation_cn_to_ad.csv")
+    assert {"ventricle_sd", "hippocampus_sd", "seeds"} <= set(table.columns)
+
+
 # ----------------------------------------------------------------------------------- interpolation
 class _LinearModel:
     """A fake LDAE whose autoencoder and diffusion are perfect: compress/decompress are the identity,

@@ -160,6 +160,12 @@ def test_config_and_input_errors() -> None:
         VolumetryConfig.from_dict({"spacing": 3})
     cfg = VolumetryConfig.from_dict({"syn_iterations": [10, 5], "registration_spacing_mm": 4})
     assert cfg.syn_iterations == (10, 5) and cfg.registration_spacing_mm == 4
+    assert cfg.seed == 1 and cfg.threads == 1  # the repeatable defaults
+    with pytest.raises(ConfigError, match=r"volumetry.seed: the ANTs seed must be a positive integer or null"):
+        VolumetryConfig(seed=0)
+    with pytest.raises(ConfigError, match=r"volumetry.threads: must be a positive integer or null, got 0"):
+        VolumetryConfig(threads=0)
+    assert VolumetryConfig(seed=None, threads=None).seed is None
     pytest.importorskip("ants")
     from ldae.evaluation.volumetry import measure_volumes
 
@@ -167,6 +173,52 @@ def test_config_and_input_errors() -> None:
         measure_volumes(np.zeros((8, 8, 8)), np.eye(4))
     with pytest.raises(LDAEError, match="affine"):
         measure_volumes(np.random.rand(8, 8, 8), np.zeros((4, 4)))
+
+
+def test_seed_zero_is_refused_and_itk_runs_one_thread() -> None:
+    """ANTs reads --random-seed 0 as "seed from the clock" and sums its metric over threads in a varying
+    order: both made one scan's volumes spread by ~3 % over repeated measurements (ldae.data.ants)."""
+    import os
+
+    from ldae.data.ants import check_seed, itk_threads, require_ants, seeded
+
+    assert check_seed(None) is None and check_seed(7) == 7
+    for bad in (0, -1, 1.5, True, "1"):
+        with pytest.raises(LDAEError, match="positive integer or null"):
+            check_seed(bad, "here")
+    pytest.importorskip("ants")
+    ants = require_ants()
+    if "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS" not in os.environ or os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1":
+        assert itk_threads() == 1
+    with pytest.raises(LDAEError, match="got 0"):
+        with seeded(0):
+            pass
+    before = ants.config._random_seed
+    with seeded(5):
+        assert ants.config._random_seed == 5
+    assert ants.config._random_seed == before
+
+
+def test_measurements_repeat_exactly_and_seeds_measure_the_noise(tpl) -> None:
+    """The same image measured in this process, in two spawned workers and again: identical volumes (seed 1,
+    one ITK thread). Other seeds are other measurements: their spread is the noise a change must clear."""
+    from ldae.evaluation.volumetry import measure_volumes_batch, measure_volumes_seeds
+
+    item = (tpl["image"](_identity), tpl["A"])
+    keys = ("ventricle_ml", "hippocampus_ml", "brain_ml")
+    spawned = measure_volumes_batch([item, item], workers=2)
+    for key in keys:
+        assert spawned[0][key] == spawned[1][key] == tpl["ref"][key], key  # tpl["ref"]: in this process
+    res = measure_volumes_seeds([item], seeds=(1, 2, 3), workers=2)[0]
+    assert res["seeds"] == [1, 2, 3]
+    for key in keys:
+        by_seed = np.array(res[f"{key}_by_seed"])
+        assert by_seed[0] == tpl["ref"][key]  # seed 1 is the default seed
+        assert res[key] == pytest.approx(by_seed.mean()) and res[f"{key}_sd"] == pytest.approx(by_seed.std(ddof=1))
+        assert res[f"{key}_sd"] < 0.05 * res[key], key  # noise of a few per cent at most
+    assert res["ventricle_ml_sd"] > 0  # three seeds, three registrations: not all equal
+    with pytest.raises(LDAEError, match="distinct positive integers"):
+        measure_volumes_seeds([item], seeds=(1, 1))
 
 
 def test_manipulation_plot_writes_png(tmp_path) -> None:

@@ -176,19 +176,22 @@ def _manipulation_check_parts(checks: dict, alphas: list) -> list[str]:
         for region, c in (checks.get(arm) or {}).items():
             rows.append([arm.replace("_to_", " → ").upper(), region, c["expected"],
                          c["change_pct"][-1] if c["change_pct"] else None, c["gap_pct"], c["fraction_of_gap_per_alpha"],
-                         c["fraction_of_gap_at_max_alpha"], c["scans_in_expected_direction"], c["signed"],
-                         c["monotonic"], c["passed"], c["reason"] or None])
+                         c["fraction_of_gap_at_max_alpha"], c.get("noise_se_pct"), c["scans_in_expected_direction"],
+                         c["signed"], c["monotonic"], c["passed"], c["reason"] or None])
     if not rows:
         return []
     top = f"{max(alphas):g}" if alphas else "max"
     return [f"<h3>Direction checks (passed overall: {_fmt(checks.get('passed'))})</h3>",
             _table(["arm", "structure", "expected", f"Δ% at α={top}", "cohort gap %", "gap fraction / unit α",
-                    f"gap fraction at α={top}", "scans the right way", "right sign", "monotonic", "passed", "why not"],
+                    f"gap fraction at α={top}", f"noise SE of Δ% at α={top}", "scans the right way", "right sign",
+                    "monotonic", "passed", "why not"],
                    rows, 3),
             f'<p class="muted">gap = the cohort\'s own change from the source to the target group\'s mean volume '
             f"({html.escape(str(checks.get('gap_source', '')))}); a check passes when every α moves the structure the "
-            f"expected way, the changes never turn back, and α={top} covers at least "
-            f"{_fmt(checks.get('min_gap_fraction'))} of the gap.</p>"]
+            f"expected way, the changes never turn back, α={top} covers at least "
+            f"{_fmt(checks.get('min_gap_fraction'))} of the gap, and its change exceeds "
+            f"{_fmt(checks.get('noise_multiple'))} standard errors of the volumetry's own noise (the spread of each "
+            "image's volume over ANTs seeds; blank with one seed).</p>"]
 
 
 def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_summary: dict | None = None,

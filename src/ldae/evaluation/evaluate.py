@@ -45,7 +45,7 @@ from ldae.evaluation.sections.common import GT_VOLUMES, ScanCache, embed, scores
 from ldae.evaluation.sections.diagnostics import run_diagnostics
 from ldae.evaluation.sections.figures import figures_section
 from ldae.evaluation.sections.interpolation import interpolation_section
-from ldae.evaluation.sections.manipulation import manipulation_section, volumetry_check
+from ldae.evaluation.sections.manipulation import check_manipulation_config, manipulation_section, volumetry_check
 from ldae.evaluation.sections.probing import factor_section, probe_section
 from ldae.evaluation.sections.reconstruction import lpips_metric, reconstruction_section
 from ldae.io import write_csv, write_json, write_npz
@@ -72,6 +72,7 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     if cfg is None:
         cfg = load_preset(rep.meta.preset or "paper", "evaluation")
     cfg = apply_overrides(cfg, list(overrides))
+    check_manipulation_config(cfg["manipulation"])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     seed, bs, device = int(cfg.get("seed", 0)), int(cfg["batch_size"]), resolve_device(str(cfg.get("device", "auto")))

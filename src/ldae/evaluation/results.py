@@ -328,8 +328,11 @@ class RegionCheck:
     slope of ``c`` on ``α - α₀`` through the origin divided by ``g``; at the largest α, ``c(α_max) / g``.
     It passes only when every step beyond α₀ moves the expected way (``signed``), the changes never turn
     back (``monotonic``: alone, as the old check had it, no pass) and the largest step covers at least the
-    configured fraction of the gap (``large_enough``); ``reason`` says what failed. ``scans_in_expected_direction``
-    is the share of scans whose own change at the largest α has the expected sign."""
+    configured fraction of the gap (``large_enough``) and clears the volumetry's own noise (``clears_noise``:
+    ``|c(α_max)| >= noise_multiple × noise_se_pct``, the standard error of that mean change from the spread of
+    each image's volume over ANTs seeds; None when only one seed was measured, which does not fail the check);
+    ``reason`` says what failed. ``scans_in_expected_direction`` is the share of scans whose own change at the
+    largest α has the expected sign."""
 
     region: str
     expected: str
@@ -343,6 +346,8 @@ class RegionCheck:
     large_enough: bool | None
     passed: bool
     reason: str
+    noise_se_pct: float | None = None
+    clears_noise: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _field_dict(self)
@@ -356,6 +361,7 @@ class ManipulationChecks:
     min_gap_fraction: float
     gap_source: str
     arms: dict[str, dict[str, RegionCheck]]
+    noise_multiple: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -363,7 +369,8 @@ class ManipulationChecks:
         return bool(checks) and all(c.passed for c in checks)
 
     def to_json(self) -> dict[str, Any]:
-        return {"min_gap_fraction": self.min_gap_fraction, "gap_source": self.gap_source,
+        return {"min_gap_fraction": self.min_gap_fraction, "noise_multiple": self.noise_multiple,
+                "gap_source": self.gap_source,
                 **{arm: {r: c.to_json() for r, c in regions.items()} for arm, regions in self.arms.items()},
                 "passed": self.passed}
 

@@ -4,7 +4,10 @@ AD-vs-CN probe's direction; ventricle/hippocampus volume change (%) vs the first
 
 A manipulation that merely changes volumes monotonically proves nothing: :func:`check_arm` checks the
 sign of each change against what the disease does (CN -> AD: ventricles grow, hippocampi shrink; AD -> CN
-the reverse) and its size against the cohort's own AD−CN difference (:func:`cohort_gap_pct`), see
+the reverse), its size against the cohort's own AD−CN difference (:func:`cohort_gap_pct`), and against
+the volumetry's own noise: every image is measured under ``volumetry_seeds`` ANTs seeds
+(:func:`ldae.evaluation.volumetry.measure_volumes_seeds`), the volume is the mean, and the change at the
+largest α must exceed ``noise_multiple`` standard errors of that mean (:func:`change_standard_error`), see
 :class:`ldae.evaluation.results.RegionCheck`.
 """
 
@@ -34,16 +37,42 @@ ARMS = (("cn_to_ad", "CN", 1.0), ("ad_to_cn", "AD", -1.0))
 EXPECTED_SIGN = {"cn_to_ad": {"ventricle": 1, "hippocampus": -1}, "ad_to_cn": {"ventricle": -1, "hippocampus": 1}}
 #: default share of the cohort's AD−CN gap the largest α must cover (``manipulation.min_gap_fraction``)
 MIN_GAP_FRACTION = 0.25
+#: default ANTs seeds each image is measured under (``manipulation.volumetry_seeds``)
+VOLUMETRY_SEEDS = (1, 2, 3)
+#: default number of standard errors the largest change must clear (``manipulation.noise_multiple``)
+NOISE_MULTIPLE = 2.0
 #: measures volumes of ``[(volume (D, H, W), affine)]`` -> ``[{"ventricle_ml": ..., "hippocampus_ml": ...}]``
-Measure = Callable[[list[tuple[np.ndarray, np.ndarray]]], list[dict[str, float]]]
+#: (optionally with ``"<region>_ml_sd"``, the SD over the seeds the volume is the mean of, and ``"seeds"``)
+Measure = Callable[[list[tuple[np.ndarray, np.ndarray]]], list[dict[str, Any]]]
+
+
+def check_manipulation_config(mcfg: dict) -> None:
+    """Reject bad ``manipulation`` settings before any scan is decoded (ConfigError naming the key)."""
+    import math
+
+    from ldae.errors import ConfigError
+    from ldae.evaluation.volumetry import VolumetryConfig
+
+    VolumetryConfig.from_dict(mcfg.get("volumetry"))
+    seeds = mcfg.get("volumetry_seeds", VOLUMETRY_SEEDS)
+    if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in seeds)):
+        raise ConfigError("manipulation.volumetry_seeds: need a list of distinct positive integers (ANTs reads "
+                          f"0 as 'seed from the clock'), got {seeds!r}")
+    for key, default in (("noise_multiple", NOISE_MULTIPLE), ("min_gap_fraction", MIN_GAP_FRACTION)):
+        value = mcfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"manipulation.{key}: must be a finite number >= 0, got {value!r}")
 
 
 def atlas_volumetry(mcfg: dict) -> Measure:
-    """Atlas-propagation volumetry with the section's ``volumetry`` settings, one process."""
-    from ldae.evaluation.volumetry import VolumetryConfig, measure_volumes_batch
+    """Atlas-propagation volumetry with the section's ``volumetry`` settings, each image under every seed of
+    ``volumetry_seeds`` (one ITK thread per worker: each measurement repeats exactly)."""
+    from ldae.evaluation.volumetry import VolumetryConfig, measure_volumes_seeds
 
     vcfg = VolumetryConfig.from_dict(mcfg.get("volumetry"))
-    return lambda items: measure_volumes_batch(items, vcfg, workers=1)
+    seeds = [int(s) for s in mcfg.get("volumetry_seeds", VOLUMETRY_SEEDS)]
+    return lambda items: measure_volumes_seeds(items, vcfg, seeds)
 
 
 def _monotonic(values: list[float]) -> bool:
@@ -88,7 +117,9 @@ def manipulation_section(model: Any, scans: ScanCache, df: pd.DataFrame, directi
                 items.append((v[0, 0].cpu().numpy(), scans.affine(i)))
                 keys.append((i, a))
         measured = measure(items)
-        table = pd.DataFrame([{"row": k[0], "alpha": k[1], **{r: m[f"{r}_ml"] for r in REGIONS}}
+        table = pd.DataFrame([{"row": k[0], "alpha": k[1], **{r: m[f"{r}_ml"] for r in REGIONS},
+                               **{f"{r}_sd": m.get(f"{r}_ml_sd", 0.0) for r in REGIONS},
+                               "seeds": len(m.get("seeds", [None]))}
                               for k, m in zip(keys, measured)])
         changes = volume_changes(table, alphas)
         vent = [changes[f"{a:g}"]["ventricle_change_pct"] for a in alphas]
@@ -101,9 +132,10 @@ def manipulation_section(model: Any, scans: ScanCache, df: pd.DataFrame, directi
         save_strip(out / f"manipulation_{name}.png", vols, labels, diff_to=1, title=name.replace("_", " → "))
     gaps, source = cohort_gap_pct(df, arms, alphas)
     min_fraction = float(mcfg.get("min_gap_fraction", MIN_GAP_FRACTION))
+    multiple = float(mcfg.get("noise_multiple", NOISE_MULTIPLE))
     checks = ManipulationChecks(min_fraction, source, {
-        name: check_arm(arm.table, alphas, name, gaps.get(name, {}), min_fraction)
-        for name, arm in arms.items() if arm.n_scans and arm.table is not None})
+        name: check_arm(arm.table, alphas, name, gaps.get(name, {}), min_fraction, multiple)
+        for name, arm in arms.items() if arm.n_scans and arm.table is not None}, noise_multiple=multiple)
     return ManipulationSection(alphas, "unit AD-vs-CN probe direction in normalised y_sem", arms, checks=checks)
 
 
@@ -138,11 +170,30 @@ def cohort_gap_pct(df: pd.DataFrame, arms: dict[str, ManipulationArm] | None = N
     return gaps, source
 
 
+def change_standard_error(table: pd.DataFrame, alphas: list[float], region: str) -> float | None:
+    """Standard error (percentage points) of the mean change at the largest α that the volumetry's own noise
+    alone would give, from the per-image SD over seeds (``<region>_sd`` and ``seeds`` columns).
+
+    Scan i's volume at α is the mean of k seeded measurements with SD s_i(α), so its change
+    c_i = 100 (v_i(α_max) − v_i(α₀)) / v_i(α₀) has variance ≈ 100² (s_i(α_max)² + s_i(α₀)²) / (k v_i(α₀)²),
+    and the mean over n scans ``SE = sqrt(Σ_i var_i) / n``. None without at least two seeds."""
+    col = f"{region}_sd"
+    if col not in table.columns or "seeds" not in table.columns or int(table["seeds"].min()) < 2:
+        return None
+    base = table[table["alpha"] == alphas[0]].set_index("row")
+    last = table[table["alpha"] == alphas[-1]].set_index("row")
+    k = base["seeds"].astype(float)
+    var = 100.0**2 * (last[col] ** 2 + base[col] ** 2) / (k * base[region] ** 2)
+    return float(np.sqrt(var.sum()) / len(var))
+
+
 def check_arm(table: pd.DataFrame, alphas: list[float], arm: str, gap_pct: dict[str, float],
-              min_gap_fraction: float = MIN_GAP_FRACTION) -> dict[str, RegionCheck]:
+              min_gap_fraction: float = MIN_GAP_FRACTION,
+              noise_multiple: float = NOISE_MULTIPLE) -> dict[str, RegionCheck]:
     """:class:`~ldae.evaluation.results.RegionCheck` per region of one arm from its measured volumes
     (``table``: ``row, alpha, ventricle, hippocampus``, one row per scan and α magnitude, the first α
-    being the reference) and the cohort's gap (%) per region for this arm (:func:`cohort_gap_pct`)."""
+    being the reference; optional ``<region>_sd`` and ``seeds``, see :func:`change_standard_error`) and
+    the cohort's gap (%) per region for this arm (:func:`cohort_gap_pct`)."""
     changes = volume_changes(table, alphas)
     steps = np.asarray(alphas, dtype=float) - float(alphas[0])
     base = table[table["alpha"] == alphas[0]].set_index("row")
@@ -175,10 +226,18 @@ def check_arm(table: pd.DataFrame, alphas: list[float], arm: str, gap_pct: dict[
             reasons.append("turns back along α")
         if large is False:
             reasons.append(f"largest step covers {at_max:.2f} of the gap (< {min_gap_fraction:g})")
-        passed = signed and monotonic and large is True
+        se = change_standard_error(table, alphas, region) if len(c) > 1 else None
+        clears: bool | None = None
+        if se is not None:
+            clears = bool(abs(c[-1]) >= noise_multiple * se)
+            if not clears:
+                reasons.append(f"the change ({c[-1]:+.2f} %) is within {noise_multiple:g} SE ({se:.2f} %) of the "
+                               "volumetry's own noise")
+        passed = signed and monotonic and large is True and clears is not False
         out[region] = RegionCheck(
             region=region, expected="up" if sign > 0 else "down", change_pct=[float(v) for v in c], gap_pct=gap,
-            fraction_of_gap_per_alpha=per_alpha, fraction_of_gap_at_max_alpha=at_max,
+            fraction_of_gap_per_alpha=per_alpha, fraction_of_gap_at_max_alpha=at_max, noise_se_pct=se,
+            clears_noise=clears,
             scans_in_expected_direction=float(np.mean(sign * per_scan > 0)) if len(per_scan) else 0.0,
             signed=signed, monotonic=monotonic, large_enough=large, passed=passed, reason="; ".join(reasons))
     return out

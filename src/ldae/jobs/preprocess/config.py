@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ldae.config import configs_root, get_dotted, load_settings
-from ldae.errors import ConfigError
+from ldae.data.ants import check_seed
+from ldae.errors import ConfigError, LDAEError
 
 CONFIG_NAME = "preprocess.yaml"
 
@@ -80,6 +81,10 @@ def validate_config(cfg: dict, source: str = "preprocess config") -> None:
         raise ConfigError(f"{source}: 'brain_extraction.mask_threshold' must be in (0, 1), got {threshold!r}")
     if not isinstance(get("brain_extraction.closing_mm"), (int, float)) or get("brain_extraction.closing_mm") < 0:
         raise ConfigError(f"{source}: 'brain_extraction.closing_mm' must be >= 0")
+    try:
+        check_seed(get("seed"), f"{source}: 'seed'")
+    except LDAEError as exc:
+        raise ConfigError(str(exc)) from None
     threads = get("threads")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ConfigError(f"{source}: 'threads' must be an integer >= 0 (0 = automatic), got {threads!r}")
