@@ -128,11 +128,9 @@ def test_generate_and_semantic_only(model: LDAE, scans: torch.Tensor):
 
 def test_guidance_scale_comes_from_the_run_and_scales_the_decodings_from_random_z_T(model: LDAE, scans: torch.Tensor,
                                                                                tiny_run: Path):
-    from ldae.diffusion.ddim import ddim_invert, ddim_sample
-    from ldae.diffusion.pdae import guided_eps_fn
-
     from ldae.checkpoints import open_checkpoint
-    from ldae.diffusion.pdae import run_guidance_scale
+    from ldae.diffusion.ddim import ddim_invert, ddim_sample
+    from ldae.diffusion.pdae import guided_eps_fn, run_guidance_scale
     from ldae.runs import find_checkpoint
 
     rep = open_checkpoint(find_checkpoint(tiny_run, "representation"), "representation")

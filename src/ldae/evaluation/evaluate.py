@@ -45,7 +45,11 @@ from ldae.evaluation.sections.common import GT_VOLUMES, ScanCache, embed, scores
 from ldae.evaluation.sections.diagnostics import run_diagnostics
 from ldae.evaluation.sections.figures import figures_section
 from ldae.evaluation.sections.interpolation import interpolation_section
-from ldae.evaluation.sections.manipulation import check_manipulation_config, manipulation_section, volumetry_check
+from ldae.evaluation.sections.manipulation import (
+    check_manipulation_config,
+    manipulation_section,
+    volumetry_check,
+)
 from ldae.evaluation.sections.probing import factor_section, probe_section
 from ldae.evaluation.sections.reconstruction import lpips_metric, reconstruction_section
 from ldae.io import write_csv, write_json, write_npz

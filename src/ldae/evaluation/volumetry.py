@@ -57,7 +57,14 @@ from typing import Any
 import numpy as np
 
 from ldae.config import unknown_key
-from ldae.data.ants import check_seed, itk_threads, remove_transforms, require_ants, seeded, set_worker_threads
+from ldae.data.ants import (
+    check_seed,
+    itk_threads,
+    remove_transforms,
+    require_ants,
+    seeded,
+    set_worker_threads,
+)
 from ldae.data.ants import to_ants as _image_to_ants
 from ldae.data.templates import CEREBRA_LABELS
 from ldae.errors import ConfigError, LDAEError
