@@ -74,6 +74,10 @@ def test_metrics_schema(evaluation: Path):
     for a in ("0", "2"):
         assert set(m["manipulation"]["ad_to_cn"][a]) == {"ventricle_change_pct", "hippocampus_change_pct"}
     assert m["manipulation"]["ad_to_cn"]["0"]["ventricle_change_pct"] == 0.0
+    sep = m["manipulation"]["separation"]  # AD − CN along the direction, in α units (class_separation)
+    assert set(sep) >= {"alpha_max_over_separation"}
+    if sep.get("train"):
+        assert sep["alpha_max_over_separation"] == pytest.approx(2.0 / sep["train"]["ad_minus_cn"])
     checks = m["manipulation"]["checks"]
     assert checks["min_gap_fraction"] == 0.25 and isinstance(checks["passed"], bool)
     for arm in ("cn_to_ad", "ad_to_cn"):
@@ -90,7 +94,6 @@ def test_metrics_schema(evaluation: Path):
         assert (evaluation / png).stat().st_size > 1000, png
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_other_subjects_autoencoder_row_scores_the_donor_scan_against_the_scan(evaluation: Path, tiny_run: Path):
     """``autoencoder_other``: per test scan, SSIM of the autoencoder's reconstruction of the *donor* scan (the

@@ -305,6 +305,29 @@ def test_manipulation_section_measures_the_noise_with_the_stub(tmp_path: Path) -
     assert {"ventricle_sd", "hippocampus_sd", "seeds"} <= set(table.columns)
 
 
+def test_class_separation_in_alpha_units() -> None:
+    """Codes built so that the normalised coordinate along the direction is known: AD at +1, CN at −1 (train),
+    so AD − CN = 2 and α = 3 is 1.5 times it; the test split's groups sit at ±0.25."""
+    from ldae.evaluation.sections.manipulation import class_separation
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=8)
+    u = d / np.linalg.norm(d)
+    mean, std = rng.normal(size=8), rng.uniform(0.5, 2.0, size=8)
+    dx = ["AD", "CN", "AD", "CN", "MCI", "AD", "CN"]
+    split = ["train"] * 5 + ["test"] * 2
+    coord = np.array([1.0, -1.0, 1.0, -1.0, 9.0, 0.25, -0.25])
+    other = rng.normal(size=(7, 8))
+    other -= np.outer(other @ u, u)  # orthogonal to the direction: must not matter
+    y = (other + np.outer(coord, u)) * std + mean
+    df = pd.DataFrame({"diagnosis": dx, "split": split})
+    out = class_separation(y, df, mean, std, 5.0 * d, alpha_max=3.0)
+    assert out["train"]["ad_minus_cn"] == pytest.approx(2.0) and out["train"]["within_sd"] == pytest.approx(0.0, abs=1e-9)
+    assert out["train"]["n_ad"] == 2 and out["train"]["n_cn"] == 2
+    assert out["test"]["ad_minus_cn"] == pytest.approx(0.5) and out["alpha_max_over_separation"] == pytest.approx(1.5)
+    assert "test" not in class_separation(y[:5], df.iloc[:5], mean, std, d)
+
+
 # ----------------------------------------------------------------------------------- interpolation
 class _LinearModel:
     """A fake LDAE whose autoencoder and diffusion are perfect: compress/decompress are the identity,

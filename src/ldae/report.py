@@ -277,6 +277,14 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
     parts.append(_img(ev / "manipulation_volumes.png", "regional volume change vs α (atlas propagation)"))
     if man.get("checks"):
         parts += _manipulation_check_parts(man["checks"], man.get("alphas") or [])
+    sep = man.get("separation") or {}
+    if sep.get("train"):
+        tr, te = sep["train"], sep.get("test") or {}
+        top = f"{max(abs(a) for a in man['alphas']):g}" if man.get("alphas") else "max"
+        parts.append(f'<p class="muted">along the direction (α units), AD − CN: {_fmt(tr["ad_minus_cn"])} on the train '
+                     f'split (within-group SD {_fmt(tr.get("within_sd"))}), {_fmt(te.get("ad_minus_cn"))} on test; '
+                     f'α={top} moves {_fmt(sep.get("alpha_max_over_separation"), 1)} times the train split\'s AD − CN '
+                     "distance</p>")
     if man.get("volumetry_check"):
         vc = man["volumetry_check"]
         parts.append(f'<p class="muted">volumetry vs ground truth on {vc["n_scans"]} real test scans: '

@@ -47,6 +47,7 @@ from ldae.evaluation.sections.figures import figures_section
 from ldae.evaluation.sections.interpolation import interpolation_section
 from ldae.evaluation.sections.manipulation import (
     check_manipulation_config,
+    class_separation,
     manipulation_section,
     volumetry_check,
 )
@@ -153,7 +154,10 @@ def evaluate(run: str | Path, csv: str | Path, out: str | Path, cfg: dict | None
     mcfg = cfg["manipulation"]
     # the probe's coefficients live in y_sem standardised by the train split: the model's normalised y_sem
     man = manipulation_section(model, scans, df, probes["learned"].ad_model.coef, mcfg, out)
-    man = replace(man, volumetry_check=volumetry_check(scans, df, mcfg))
+    separation = class_separation(learned, df.loc[all_rows], model.ysem_mean.cpu().numpy(),
+                                  model.ysem_std.cpu().numpy(), probes["learned"].ad_model.coef,
+                                  max(abs(a) for a in man.alphas) if man.alphas else None)
+    man = replace(man, volumetry_check=volumetry_check(scans, df, mcfg), separation=separation)
     changes = {f"{region} ({name.replace('_to_', '→').upper()})": [arm.change_pct[f"{a:g}"][f"{region}_change_pct"]
                                                                    for a in man.alphas]
                for name, arm in man.arms.items() if arm.n_scans

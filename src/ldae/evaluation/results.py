@@ -377,16 +377,20 @@ class ManipulationChecks:
 
 @dataclass(frozen=True)
 class ManipulationSection:
-    """``manipulation`` block: the α grid, the arms, the volumetry check and the direction checks."""
+    """``manipulation`` block: the α grid, the arms, the volumetry check, the direction checks and
+    ``separation``: where AD and CN scans lie along the direction, in α units
+    (:func:`ldae.evaluation.sections.manipulation.class_separation`), so that α_max can be read as a multiple of
+    the distance between the groups."""
 
     alphas: list[float]
     direction: str
     arms: dict[str, ManipulationArm]
     volumetry_check: VolumetryCheck | None = None
     checks: ManipulationChecks | None = None
+    separation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"alphas": self.alphas, "direction": self.direction,
+        return {"alphas": self.alphas, "direction": self.direction, "separation": self.separation,
                 **{name: arm.to_json() for name, arm in self.arms.items()},
                 "volumetry_check": None if self.volumetry_check is None else self.volumetry_check.to_json(),
                 "checks": None if self.checks is None else self.checks.to_json()}

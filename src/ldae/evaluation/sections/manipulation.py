@@ -139,6 +139,34 @@ def manipulation_section(model: Any, scans: ScanCache, df: pd.DataFrame, directi
     return ManipulationSection(alphas, "unit AD-vs-CN probe direction in normalised y_sem", arms, checks=checks)
 
 
+def class_separation(y_sem: np.ndarray, df: pd.DataFrame, mean: np.ndarray, std: np.ndarray,
+                     direction: np.ndarray, alpha_max: float | None = None) -> dict[str, Any]:
+    """Where AD and CN scans lie along the manipulation direction, in the α units of ``LDAE.manipulate``.
+
+    With ``u = d / |d|`` and the normalised code ``ŷ = (y − mean) / std``, each scan's coordinate is ``p = ŷ·u``;
+    a step α moves it to ``p + α``. Per split: ``ad_minus_cn`` = mean p of AD scans − mean p of CN scans (the
+    distance from the CN group to the AD group along the direction), ``within_sd`` = the pooled within-group SD
+    of p, and the group sizes. ``alpha_max_over_separation`` (train split) says how many times that distance
+    the largest α moves: below ``min_gap_fraction`` a faithful decoder could not pass the size check, far above 1
+    the step leaves the data. ``y_sem``: ``(n, d)`` rows aligned with ``df``."""
+    u = np.asarray(direction, dtype=float).reshape(-1)
+    u = u / np.linalg.norm(u)
+    p = ((np.asarray(y_sem, dtype=float) - np.asarray(mean, dtype=float)) / np.asarray(std, dtype=float)) @ u
+    dx = df["diagnosis"].astype(str).to_numpy()
+    split = df["split"].astype(str).to_numpy() if "split" in df.columns else np.array(["train"] * len(df))
+    out: dict[str, Any] = {}
+    for name in ("train", "test"):
+        ad, cn = p[(split == name) & (dx == "AD")], p[(split == name) & (dx == "CN")]
+        if len(ad) and len(cn):
+            pooled = np.sqrt(((len(ad) - 1) * ad.var(ddof=1) + (len(cn) - 1) * cn.var(ddof=1))
+                             / max(len(ad) + len(cn) - 2, 1)) if len(ad) + len(cn) > 2 else None
+            out[name] = {"ad_minus_cn": float(ad.mean() - cn.mean()),
+                         "within_sd": None if pooled is None else float(pooled), "n_ad": int(len(ad)), "n_cn": int(len(cn))}
+    train = out.get("train", {}).get("ad_minus_cn")
+    out["alpha_max_over_separation"] = (float(alpha_max / train) if alpha_max is not None and train else None)
+    return out
+
+
 def cohort_gap_pct(df: pd.DataFrame, arms: dict[str, ManipulationArm] | None = None,
                    alphas: list[float] | None = None) -> tuple[dict[str, dict[str, float]], str]:
     """The cohort's own AD−CN difference per region as the change (%) each arm should aim at:
@@ -251,7 +279,9 @@ def volumetry_check(scans: ScanCache, df: pd.DataFrame, mcfg: dict, max_scans: i
     rows = df.index[df["split"] == "test"].tolist()[:max_scans]
     if len(rows) < 3:
         return None
-    measure = measure or atlas_volumetry(mcfg)
+    # a correlation over scans needs no per-image noise estimate: the first seed only
+    seeds = list(mcfg.get("volumetry_seeds", VOLUMETRY_SEEDS))[:1]
+    measure = measure or atlas_volumetry({**mcfg, "volumetry_seeds": seeds})
     measured = measure([(scans.get(i)[0, 0].cpu().numpy(), scans.affine(i)) for i in rows])
     r: dict[str, float | None] = {}
     for region in REGIONS:
