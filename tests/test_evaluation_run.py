@@ -74,6 +74,8 @@ def test_metrics_schema(evaluation: Path):
     for a in ("0", "2"):
         assert set(m["manipulation"]["ad_to_cn"][a]) == {"ventricle_change_pct", "hippocampus_change_pct"}
     assert m["manipulation"]["ad_to_cn"]["0"]["ventricle_change_pct"] == 0.0
+    change = m["manipulation"]["ad_to_cn"]["image_change"]
+    assert -1 <= change["ssim_max_vs_first_alpha"] <= 1 and change["mean_abs_difference"] >= 0
     sep = m["manipulation"]["separation"]  # AD − CN along the direction, in α units (class_separation)
     assert set(sep) >= {"alpha_max_over_separation"}
     if sep.get("train"):

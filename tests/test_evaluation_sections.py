@@ -222,6 +222,11 @@ def test_manipulation_section_judges_a_stub_model(tmp_path: Path, k: float, pass
     assert vent["change_pct"] == pytest.approx([0.0, 150 * k, 300 * k])
     assert vent["fraction_of_gap_at_max_alpha"] == pytest.approx(300 * k / 40.0)
     assert vent["passed"] is passes and checks["ad_to_cn"]["ventricle"]["passed"] is passes
+    # the decoding itself: α = 3 scales the image by 1 + 3k, so |Δ| = 3|k| × mean intensity (scans 1.0–1.1)
+    change = out["cn_to_ad"]["image_change"]
+    mean_x = float(np.mean([scans.get(i).mean() for i in (0, 1)]))
+    assert change["mean_abs_difference"] == pytest.approx(3 * abs(k) * mean_x, rel=1e-5)
+    assert 0 < change["ssim_max_vs_first_alpha"] < 1
     assert json.loads(json.dumps(out)) == out  # JSON-ready
     assert (tmp_path / "manipulation_cn_to_ad.csv").is_file() and (tmp_path / "manipulation_ad_to_cn.png").is_file()
 

@@ -270,9 +270,14 @@ def write_report(run: str | Path, out_html: str | Path, metrics: dict, cohort_su
         block = man.get(name, {})
         if block.get("n_scans"):
             rows = [[a, block[a]["ventricle_change_pct"], block[a]["hippocampus_change_pct"]]
-                    for a in block if isinstance(block[a], dict)]
+                    for a in block if isinstance(block[a], dict) and a != "image_change"]
             parts.append(f"<h3>{name.replace('_to_', ' → ').upper()} ({block['n_scans']} test scans)</h3>")
             parts.append(_table(["α", "ventricles Δ%", "hippocampus Δ%"], rows, 2))
+            change = block.get("image_change") or {}
+            if change:
+                parts.append(f'<p class="muted">decoding at the largest α against the first: SSIM '
+                             f'{_fmt(change.get("ssim_max_vs_first_alpha"), 4)}, mean |Δ intensity| '
+                             f'{_fmt(change.get("mean_abs_difference"), 4)}</p>')
         parts.append(_img(ev / f"manipulation_{name}.png", f"{name}: strip over α with difference maps"))
     parts.append(_img(ev / "manipulation_volumes.png", "regional volume change vs α (atlas propagation)"))
     if man.get("checks"):

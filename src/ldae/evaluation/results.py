@@ -290,19 +290,22 @@ class InterpolationSection:
 class ManipulationArm:
     """One direction of manipulation (CN -> AD or AD -> CN): mean regional volume change (%) vs the first
     α per α (keys ``f"{alpha:g}"``), over ``n_scans`` test scans; ``table`` holds the measured volumes
-    (``row, alpha, ventricle, hippocampus``; ml)."""
+    (``row, alpha, ventricle, hippocampus``; ml). ``image_change`` says how much the decoding changes at
+    all: mean over scans of the SSIM and of the mean absolute intensity difference between the decodings at the
+    largest and the first α (SSIM near 1: the decoder ignores the step, whatever the volumetry says)."""
 
     n_scans: int
     change_pct: dict[str, dict[str, float]] = field(default_factory=dict)
     ventricle_monotonic: bool | None = None
     hippocampus_monotonic: bool | None = None
     table: pd.DataFrame | None = None
+    image_change: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         if not self.n_scans:
             return {"n_scans": 0}
         return {**self.change_pct, "n_scans": self.n_scans, "ventricle_monotonic": self.ventricle_monotonic,
-                "hippocampus_monotonic": self.hippocampus_monotonic}
+                "hippocampus_monotonic": self.hippocampus_monotonic, "image_change": self.image_change}
 
 
 @dataclass(frozen=True)

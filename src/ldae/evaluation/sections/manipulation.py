@@ -27,7 +27,7 @@ from ldae.evaluation.results import (
     RegionCheck,
     VolumetryCheck,
 )
-from ldae.evaluation.sections.common import GT_VOLUMES, ScanCache, progress
+from ldae.evaluation.sections.common import GT_VOLUMES, ScanCache, progress, scores
 from ldae.io import write_csv
 
 REGIONS = ("ventricle", "hippocampus")
@@ -108,9 +108,11 @@ def manipulation_section(model: Any, scans: ScanCache, df: pd.DataFrame, directi
         if not rows:
             arms[name] = ManipulationArm(n_scans=0)
             continue
-        items, keys = [], []
+        items, keys, ssims, maes = [], [], [], []
         for i in progress(rows, f"manipulating {source} scans"):
             vols = model.manipulate(scans.get(i), direction, [sign * a for a in alphas], int(mcfg["steps"]))
+            ssims.append(float(scores(vols[-1], vols[0])["ssim"].mean()))
+            maes.append(float((vols[-1] - vols[0]).abs().mean()))
             if i == rows[0]:
                 strips[name] = ([scans.get(i)[0], *[v[0] for v in vols]], ["input", *[f"α={sign * a:+.1f}" for a in alphas]])
             for a, v in zip(alphas, vols):
@@ -124,7 +126,9 @@ def manipulation_section(model: Any, scans: ScanCache, df: pd.DataFrame, directi
         changes = volume_changes(table, alphas)
         vent = [changes[f"{a:g}"]["ventricle_change_pct"] for a in alphas]
         hip = [changes[f"{a:g}"]["hippocampus_change_pct"] for a in alphas]
-        arms[name] = ManipulationArm(len(rows), changes, _monotonic(vent), _monotonic(hip), table)
+        arms[name] = ManipulationArm(len(rows), changes, _monotonic(vent), _monotonic(hip), table,
+                                     {"ssim_max_vs_first_alpha": float(np.mean(ssims)),
+                                      "mean_abs_difference": float(np.mean(maes))})
         write_csv(out / f"manipulation_{name}.csv", table)
     from ldae.viz import save_strip
 
