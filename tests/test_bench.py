@@ -252,6 +252,23 @@ def test_cli_errors_are_one_line(capsys):
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_gemm_peak_shrinks_a_matmul_that_would_take_too_long(monkeypatch) -> None:
+    """Emulated bf16 (AVX2: ~1 GFLOP/s) made 21 matmuls of 2048 take minutes: with a tiny call budget the bf16
+    peak is timed on a halved matrix and says so; fp32 keeps the full size."""
+    import torch
+
+    from ldae.jobs.bench import inference
+
+    monkeypatch.setattr(inference, "GEMM_CALL_BUDGET_S", 1e-12)
+    monkeypatch.setattr(inference, "GEMM_PROBE_SIZE", 16)
+    out = inference.bench_gemm(torch.device("cpu"), 64, repeats=1)
+    assert out["size"] == 64 and out["bf16_size"] == 16 and "timed at 16x16" in out["bf16_note"]
+    assert out["fp32_gflops"] > 0 and out["bf16_gflops"] > 0
+    monkeypatch.setattr(inference, "GEMM_CALL_BUDGET_S", 1e6)
+    full = inference.bench_gemm(torch.device("cpu"), 64, repeats=1)
+    assert "bf16_size" not in full and "bf16_note" not in full
+
+
 def test_bench_tiny_end_to_end(tmp_path: Path, capsys, one_thread):
     out = tmp_path / "bench.json"
     argv = ["bench", "--preset", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",

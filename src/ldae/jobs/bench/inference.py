@@ -8,12 +8,13 @@ Every model call goes through the library's own code: the UNet module, :func:`ld
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from ldae.jobs.bench.measure import PeakMemory, diffs, max_abs, time_call, time_pair
+from ldae.jobs.bench.measure import PeakMemory, diffs, max_abs, synchronize, time_call, time_pair
 from ldae.jobs.bench.options import BenchOptions
 
 Tensor = torch.Tensor
@@ -24,8 +25,38 @@ def bf16_unsupported(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.cuda.is_bf16_supported()
 
 
+#: longest a single timed matmul of the GEMM peak may take; a slower dtype is timed on a smaller matrix
+GEMM_CALL_BUDGET_S = 0.5
+#: matrix size of the probe call that estimates a dtype's speed before the full-size runs
+GEMM_PROBE_SIZE = 256
+
+
+def _gemm_size_within_budget(a: Tensor, b: Tensor, size: int, device: torch.device) -> int:
+    """The largest ``size / 2^k`` (at least ``GEMM_PROBE_SIZE``, or ``size`` if smaller) whose matmul is
+    expected to take at most ``GEMM_CALL_BUDGET_S``, from one timed call at ``GEMM_PROBE_SIZE`` (time ∝ n³).
+
+    Why: a CPU without native bf16 (AVX2) emulates it at ~1 GFLOP/s (measured 1.3 against 57 in fp32 on a
+    2-core AMD EPYC): 21 bf16 matmuls of 2048 took minutes, and the benchmark's test ran for over 15."""
+    n0 = min(GEMM_PROBE_SIZE, size)
+    x, y = a[:n0, :n0].contiguous(), b[:n0, :n0].contiguous()
+    x @ y
+    synchronize(device)
+    t0 = time.perf_counter()
+    x @ y
+    synchronize(device)
+    per_call = max(time.perf_counter() - t0, 1e-9)
+    n = size
+    while n > n0 and per_call * (n / n0) ** 3 > GEMM_CALL_BUDGET_S:
+        n //= 2
+    return max(n, n0)
+
+
 def bench_gemm(device: torch.device, size: int, repeats: int) -> dict:
-    """Practical matmul peak (GFLOP/s, fastest of ``repeats``) in fp32 and bf16."""
+    """Practical matmul peak (GFLOP/s, fastest of ``repeats``) in fp32 and bf16.
+
+    bf16 is timed at ``size`` unless one call would exceed ``GEMM_CALL_BUDGET_S`` (emulated bf16): then on the
+    largest halving of ``size`` that fits, reported as ``bf16_size`` with a note (a lower bound of the peak,
+    which a larger matrix would raise only slightly when the arithmetic itself is the bottleneck)."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=gen).to(device) for _ in range(2))
     flop = 2.0 * size**3
@@ -35,7 +66,13 @@ def bench_gemm(device: torch.device, size: int, repeats: int) -> dict:
         out["bf16_gflops"], out["bf16_note"] = None, "bf16 not supported by this GPU"
     else:
         a16, b16 = a.bfloat16(), b.bfloat16()
-        out["bf16_gflops"] = flop / time_call(lambda: a16 @ b16, device, repeats, warmup=1)["min_s"] / 1e9
+        n = _gemm_size_within_budget(a16, b16, size, device)
+        if n < size:
+            a16, b16 = a16[:n, :n].contiguous(), b16[:n, :n].contiguous()
+            out["bf16_size"] = n
+            out["bf16_note"] = (f"timed at {n}x{n}: a {size}x{size} bf16 matmul would take over "
+                                f"{GEMM_CALL_BUDGET_S:g} s here (bf16 emulated?)")
+        out["bf16_gflops"] = 2.0 * n**3 / time_call(lambda: a16 @ b16, device, repeats, warmup=1)["min_s"] / 1e9
     if device.type == "cuda":
         out["fp32_note"] = f"TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
     return out

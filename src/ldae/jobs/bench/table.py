@@ -33,7 +33,8 @@ def table_rows(res: dict) -> list[tuple[str, str, str]]:
     if g:
         bf = g.get("bf16_gflops")
         rows.append(("GEMM peak fp32 / bf16", f"{g['fp32_gflops']:.0f} / {'-' if bf is None else f'{bf:.0f}'} GFLOP/s",
-                     f"{g['size']}x{g['size']} matmul, fastest of runs"))
+                     f"{g['size']}x{g['size']} matmul, fastest of runs"
+                     + (f"; bf16 at {g['bf16_size']}x{g['bf16_size']}" if g.get("bf16_size") else "")))
     u = res.get("unet")
     if u and "s" in u:
         frac = u.get("fraction_of_fp32_peak")
