@@ -514,3 +514,22 @@ def test_environment_leaves_itk_threads_configurable() -> None:
     cfg = pp.load_preprocess_config()
     assert _threads_per_worker(cfg, workers=os.cpu_count() or 1) >= 1
     assert _threads_per_worker(dict(cfg, threads=3), workers=2) == 3
+
+
+def test_in_process_batch_sets_itk_threads_before_importing_ants() -> None:
+    """ITK reads its thread count once, at ``import ants``: a one-worker batch must set ``threads`` first, or
+    preprocessing would silently run on ldae's repeatable default of one thread (a fresh interpreter, since
+    this test process imported ants long ago)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("ants")
+    code = ("import sys; from ldae.jobs.preprocess import run_batch, load_preprocess_config; "
+            "from ldae.data.ants import itk_threads; "
+            "cfg = load_preprocess_config(overrides=['--threads', '2']); run_batch([], [], cfg, workers=1); "
+            "print(itk_threads(), 'ants' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "True"]

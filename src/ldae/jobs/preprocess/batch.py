@@ -46,7 +46,14 @@ def run_batch(
 ) -> list[ScanResult]:
     """Preprocess ``scans`` into ``outputs`` with ``workers`` processes; finished outputs with the same
     settings are skipped unless ``overwrite``. Failures are returned, not raised. ``on_result`` is
-    called once per scan as it completes (e.g. to advance a progress bar)."""
+    called once per scan as it completes (e.g. to advance a progress bar).
+
+    ITK fixes its thread count when ``ants`` is first imported (:mod:`ldae.data.ants`), so the thread count of
+    an in-process run is set before that import: importing first would leave it at ldae's repeatable default
+    of one thread."""
+    in_process = workers <= 1
+    if in_process:
+        set_worker_threads(_threads_per_worker(cfg, workers))
     require_ants()
     fingerprint = config_fingerprint(cfg)
     results: list[ScanResult] = []
@@ -61,8 +68,8 @@ def run_batch(
         else:
             todo.append((scan.path, Path(output)))
     threads = _threads_per_worker(cfg, workers)
-    if workers <= 1 or len(todo) <= 1:
-        set_worker_threads(threads)
+    if in_process or len(todo) <= 1:
+        set_worker_threads(threads)  # no effect once ants is imported: a pool left one scan runs it on one thread
         for input_path, output in todo:
             result = _preprocess_or_report(input_path, output, cfg)
             results.append(result)
