@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ldae.errors import LDAEError
+from ldae.errors import ConfigError, LDAEError
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,29 @@ def itk_threads() -> int:
     return _threads_at_import if _threads_at_import is not None else _env_threads(default=1)
 
 
+def _is_positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and int(value) >= 1
+
+
 def check_seed(seed: int | None, where: str = "seed") -> int | None:
-    """``seed`` if it is None or a positive integer; else LDAEError naming ``where``: ANTs reads seed 0 as
+    """``seed`` if it is None or a positive integer; else ConfigError naming ``where``: ANTs reads seed 0 as
     "seed from the clock" (module docstring), so 0 would silently be unseeded."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 1:
-        raise LDAEError(f"{where}: the ANTs seed must be a positive integer or null (ANTs reads 0 as "
-                        f"'seed from the clock'), got {seed!r}")
+    if not _is_positive_int(seed):
+        raise ConfigError(f"{where}: the ANTs seed must be a positive integer or null (ANTs reads 0 as "
+                          f"'seed from the clock'), got {seed!r}")
     return int(seed)
+
+
+def check_seeds(seeds: Any, where: str = "seeds") -> list[int]:
+    """``seeds`` as a list if it is a non-empty sequence of distinct positive integers (one measurement per
+    seed); else ConfigError naming ``where`` (see :func:`check_seed` for why 0 is refused)."""
+    if (not isinstance(seeds, (list, tuple, range)) or not seeds or not all(_is_positive_int(s) for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{where}: need a list of distinct positive integers (ANTs reads 0 as "
+                          f"'seed from the clock'), got {seeds!r}")
+    return [int(s) for s in seeds]
 
 
 def to_ants(data: np.ndarray, affine: np.ndarray) -> Any:

@@ -59,6 +59,7 @@ import numpy as np
 from ldae.config import unknown_key
 from ldae.data.ants import (
     check_seed,
+    check_seeds,
     itk_threads,
     remove_transforms,
     require_ants,
@@ -110,10 +111,7 @@ class VolumetryConfig:
             raise ConfigError(
                 f"volumetry.registration_spacing_mm: must be > 0, got {self.registration_spacing_mm}"
             )
-        try:
-            check_seed(self.seed, "volumetry.seed")
-        except LDAEError as exc:
-            raise ConfigError(str(exc)) from None
+        check_seed(self.seed, "volumetry.seed")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ConfigError(f"volumetry.threads: must be a positive integer or null, got {self.threads!r}")
@@ -386,9 +384,7 @@ def measure_volumes_seeds(
     elsewhere, and the volume moves by that much on an unchanged image.
     """
     config = config or VolumetryConfig()
-    seeds = [check_seed(int(s), "volumetry seeds") for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise LDAEError(f"volumetry seeds: need distinct positive integers, got {list(seeds)}")
+    seeds = check_seeds(seeds, "volumetry seeds")
     items = list(items)
     tasks = [item for item in items for _ in seeds]
     configs = [replace(config, seed=s) for _ in items for s in seeds]

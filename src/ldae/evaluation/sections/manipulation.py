@@ -50,15 +50,12 @@ def check_manipulation_config(mcfg: dict) -> None:
     """Reject bad ``manipulation`` settings before any scan is decoded (ConfigError naming the key)."""
     import math
 
+    from ldae.data.ants import check_seeds
     from ldae.errors import ConfigError
     from ldae.evaluation.volumetry import VolumetryConfig
 
     VolumetryConfig.from_dict(mcfg.get("volumetry"))
-    seeds = mcfg.get("volumetry_seeds", VOLUMETRY_SEEDS)
-    if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in seeds)):
-        raise ConfigError("manipulation.volumetry_seeds: need a list of distinct positive integers (ANTs reads "
-                          f"0 as 'seed from the clock'), got {seeds!r}")
+    check_seeds(mcfg.get("volumetry_seeds", VOLUMETRY_SEEDS), "manipulation.volumetry_seeds")
     for key, default in (("noise_multiple", NOISE_MULTIPLE), ("min_gap_fraction", MIN_GAP_FRACTION)):
         value = mcfg.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -71,7 +68,7 @@ def atlas_volumetry(mcfg: dict) -> Measure:
     from ldae.evaluation.volumetry import VolumetryConfig, measure_volumes_seeds
 
     vcfg = VolumetryConfig.from_dict(mcfg.get("volumetry"))
-    seeds = [int(s) for s in mcfg.get("volumetry_seeds", VOLUMETRY_SEEDS)]
+    seeds = mcfg.get("volumetry_seeds", VOLUMETRY_SEEDS)
     return lambda items: measure_volumes_seeds(items, vcfg, seeds)
 
 

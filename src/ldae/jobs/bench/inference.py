@@ -8,13 +8,12 @@ Every model call goes through the library's own code: the UNet module, :func:`ld
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from ldae.jobs.bench.measure import PeakMemory, diffs, max_abs, synchronize, time_call, time_pair
+from ldae.jobs.bench.measure import PeakMemory, diffs, max_abs, time_call, time_pair
 from ldae.jobs.bench.options import BenchOptions
 
 Tensor = torch.Tensor
@@ -39,12 +38,7 @@ def _gemm_size_within_budget(a: Tensor, b: Tensor, size: int, device: torch.devi
     2-core AMD EPYC): 21 bf16 matmuls of 2048 took minutes, and the benchmark's test ran for over 15."""
     n0 = min(GEMM_PROBE_SIZE, size)
     x, y = a[:n0, :n0].contiguous(), b[:n0, :n0].contiguous()
-    x @ y
-    synchronize(device)
-    t0 = time.perf_counter()
-    x @ y
-    synchronize(device)
-    per_call = max(time.perf_counter() - t0, 1e-9)
+    per_call = max(time_call(lambda: x @ y, device, repeats=1, warmup=1)["min_s"], 1e-9)
     n = size
     while n > n0 and per_call * (n / n0) ** 3 > GEMM_CALL_BUDGET_S:
         n //= 2

@@ -12,7 +12,7 @@ from typing import Any
 
 from ldae.config import configs_root, get_dotted, load_settings
 from ldae.data.ants import check_seed
-from ldae.errors import ConfigError, LDAEError
+from ldae.errors import ConfigError
 
 CONFIG_NAME = "preprocess.yaml"
 
@@ -81,10 +81,7 @@ def validate_config(cfg: dict, source: str = "preprocess config") -> None:
         raise ConfigError(f"{source}: 'brain_extraction.mask_threshold' must be in (0, 1), got {threshold!r}")
     if not isinstance(get("brain_extraction.closing_mm"), (int, float)) or get("brain_extraction.closing_mm") < 0:
         raise ConfigError(f"{source}: 'brain_extraction.closing_mm' must be >= 0")
-    try:
-        check_seed(get("seed"), f"{source}: 'seed'")
-    except LDAEError as exc:
-        raise ConfigError(str(exc)) from None
+    check_seed(get("seed"), f"{source}: 'seed'")
     threads = get("threads")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ConfigError(f"{source}: 'threads' must be an integer >= 0 (0 = automatic), got {threads!r}")
